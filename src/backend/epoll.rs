@@ -1,0 +1,129 @@
+//! The epoll backend: nonblocking pipe fds on tokio's reactor (`AsyncFd`).
+//!
+//! The fd is registered lazily with the runtime that first polls it, and
+//! registered again if the handle moves to another runtime (a handle created
+//! in a parent thread and used in an engine core, say).
+
+use crate::framing::{Decoder, Encoder};
+use crate::sys;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::task::{Context, Poll, ready};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::runtime::{Handle, Id};
+
+pub(crate) struct EpollIo {
+    /// Set while not registered with any runtime.
+    fd: Option<OwnedFd>,
+    reg: Option<(Id, AsyncFd<OwnedFd>)>,
+}
+
+pub(crate) fn no_runtime() -> io::Error {
+    io::Error::other("ringipc channels must be used inside a tokio runtime")
+}
+
+impl EpollIo {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<EpollIo> {
+        sys::set_nonblocking(fd.as_raw_fd(), true)?;
+        Ok(EpollIo {
+            fd: Some(fd),
+            reg: None,
+        })
+    }
+
+    fn registered(&mut self) -> io::Result<&AsyncFd<OwnedFd>> {
+        let handle = Handle::try_current().map_err(|_| no_runtime())?;
+        let id = handle.id();
+        if !matches!(&self.reg, Some((rid, _)) if *rid == id) {
+            let fd = match self.reg.take() {
+                Some((_, afd)) => afd.into_inner(),
+                None => self.fd.take().ok_or_else(|| io::Error::other("fd lost"))?,
+            };
+            // SAFETY: the OwnedFd is open and owned by the AsyncFd until
+            // `into_inner`, so the fd number keeps naming the same pipe end.
+            match unsafe {
+                AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
+            } {
+                Ok(afd) => self.reg = Some((id, afd)),
+                Err(e) => {
+                    let (fd, err) = e.into_parts();
+                    self.fd = Some(fd);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(&self.reg.as_ref().expect("registered above").1)
+    }
+
+    fn raw(&self) -> Option<i32> {
+        match (&self.fd, &self.reg) {
+            (Some(fd), _) => Some(fd.as_raw_fd()),
+            (None, Some((_, afd))) => Some(afd.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dec: &mut Decoder,
+    ) -> Poll<io::Result<usize>> {
+        let afd = self.registered()?;
+        loop {
+            let mut guard = ready!(afd.poll_read_ready(cx))?;
+            let (ptr, len) = dec.reserve();
+            // SAFETY: `reserve` returned `len` writable bytes at `ptr`.
+            match guard.try_io(|fd| unsafe { sys::read(fd.as_raw_fd(), ptr, len) }) {
+                Ok(Ok(n)) => {
+                    // SAFETY: the kernel initialised `n <= len` bytes at `ptr`.
+                    unsafe { dec.commit(n) };
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        enc: &mut Encoder,
+    ) -> Poll<io::Result<usize>> {
+        let afd = self.registered()?;
+        loop {
+            let mut guard = ready!(afd.poll_write_ready(cx))?;
+            match guard.try_io(|fd| sys::write(fd.as_raw_fd(), enc.pending())) {
+                Ok(Ok(n)) => {
+                    enc.advance(n);
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    pub(crate) fn write_now(&mut self, enc: &mut Encoder) {
+        let Some(fd) = self.raw() else { return };
+        while !enc.pending().is_empty() {
+            match sys::write(fd, enc.pending()) {
+                Ok(n) => enc.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Gives the fd back (deregistered), e.g. to hand it to a child process.
+    #[allow(dead_code)]
+    pub(crate) fn into_fd(mut self) -> Option<OwnedFd> {
+        match self.reg.take() {
+            Some((_, afd)) => Some(afd.into_inner()),
+            None => self.fd.take(),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Moving bytes on pipe fds: the `uring` backend (io_uring, one ring per
+//! thread) and the `epoll` backend (tokio's reactor). The backend is chosen
+//! once per process ([`Backend::Auto`]); a channel may also be pinned to one
+//! backend explicitly, which is how the test suite runs every test on both.
+//!
+//! Both backends keep the same contract, which is what makes the channels
+//! above them cancellation-safe:
+//! - reads land in the decoder's buffer, and a read still in flight when its
+//!   future is dropped stays owned by the handle: the next poll picks up its
+//!   result, so no byte is lost;
+//! - writes come from the encoder's buffer and are accounted for when they
+//!   complete, so a dropped future never loses track of what was written.
+
+pub(crate) mod epoll;
+pub(crate) mod uring;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::framing::{Decoder, Encoder};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+/// Which I/O backend moves the bytes.
+///
+/// ```
+/// use ringipc::Backend;
+/// // What `Auto` picks on this machine (io_uring where the kernel allows it).
+/// let chosen = Backend::Auto.resolve()?;
+/// assert!(matches!(chosen, Backend::Uring | Backend::Epoll));
+/// # Ok::<(), ringipc::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Backend {
+    /// The process default: `RINGIPC_BACKEND` if set, else io_uring when the
+    /// probe finds every opcode ringipc submits, else epoll.
+    #[default]
+    Auto,
+    /// io_uring. Requesting it where it is unusable is an error, never a
+    /// silent fallback.
+    Uring,
+    /// epoll through tokio's reactor; works on every kernel ringipc supports.
+    Epoll,
+}
+
+impl Backend {
+    /// Resolves `Auto` to the process default and checks that `Uring` is usable.
+    /// The result is always `Uring` or `Epoll`.
+    pub fn resolve(self) -> Result<Backend> {
+        match self {
+            Backend::Auto => process_default(),
+            Backend::Uring => match uring_probe() {
+                Ok(()) => Ok(Backend::Uring),
+                Err(why) => Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("io_uring backend requested but unusable: {why}"),
+                )),
+            },
+            Backend::Epoll => Ok(Backend::Epoll),
+        }
+    }
+
+    /// Parses `uring`, `epoll` or `auto` (the values of `RINGIPC_BACKEND`).
+    pub fn parse(s: &str) -> Result<Backend> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Backend::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
+            "epoll" => Ok(Backend::Epoll),
+            other => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("unknown backend {other:?} (expected uring, epoll or auto)"),
+            )),
+        }
+    }
+
+    /// The lower-case name: `auto`, `uring` or `epoll`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Uring => "uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why io_uring is unusable here, if it is. Probed once per process.
+pub fn uring_probe() -> std::result::Result<(), String> {
+    static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let r = uring::probe();
+            match &r {
+                Ok(()) => tracing::debug!("io_uring probe: usable"),
+                Err(why) => tracing::debug!("io_uring probe: unusable: {why}"),
+            }
+            r
+        })
+        .clone()
+}
+
+/// The backend this process uses for [`Backend::Auto`], resolved once:
+/// `RINGIPC_BACKEND` if set (an unusable `uring` there is an error), else
+/// io_uring where the probe passes, else epoll.
+pub fn process_default() -> Result<Backend> {
+    static DEFAULT: OnceLock<std::result::Result<Backend, String>> = OnceLock::new();
+    DEFAULT
+        .get_or_init(|| {
+            let asked = match std::env::var("RINGIPC_BACKEND") {
+                Ok(v) => Backend::parse(&v).map_err(|e| e.context().to_string())?,
+                Err(_) => Backend::Auto,
+            };
+            let chosen = match asked {
+                Backend::Auto => {
+                    if uring_probe().is_ok() {
+                        Backend::Uring
+                    } else {
+                        Backend::Epoll
+                    }
+                }
+                other => other.resolve().map_err(|e| e.context().to_string())?,
+            };
+            tracing::debug!(backend = chosen.name(), "ringipc backend selected");
+            Ok(chosen)
+        })
+        .clone()
+        .map_err(|why| Error::new(ErrorKind::Unsupported, why))
+}
+
+/// One end of a pipe on the backend chosen for it.
+pub(crate) enum Io {
+    Uring(uring::UringIo),
+    Epoll(epoll::EpollIo),
+}
+
+impl Io {
+    /// Adopts `fd` for `backend` (resolved here), setting its blocking mode
+    /// to what that backend needs.
+    pub(crate) fn new(fd: OwnedFd, backend: Backend) -> Result<Io> {
+        Ok(match backend.resolve()? {
+            Backend::Uring => {
+                Io::Uring(uring::UringIo::new(fd).map_err(|e| Error::io("adopt fd", e))?)
+            }
+            _ => Io::Epoll(epoll::EpollIo::new(fd).map_err(|e| Error::io("adopt fd", e))?),
+        })
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        match self {
+            Io::Uring(_) => Backend::Uring,
+            Io::Epoll(_) => Backend::Epoll,
+        }
+    }
+
+    /// Reads into the decoder's spare room; `Ok(0)` is end of stream.
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dec: &mut Decoder,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Uring(u) => u.poll_read(cx, dec),
+            Io::Epoll(e) => e.poll_read(cx, dec),
+        }
+    }
+
+    /// Writes (part of) the encoder's pending bytes and advances it.
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        enc: &mut Encoder,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Uring(u) => u.poll_write(cx, enc),
+            Io::Epoll(e) => e.poll_write(cx, enc),
+        }
+    }
+
+    /// Best-effort, non-blocking write of what is pending, for `Drop`.
+    pub(crate) fn write_now(&mut self, enc: &mut Encoder) {
+        match self {
+            Io::Uring(u) => u.write_now(enc),
+            Io::Epoll(e) => e.write_now(enc),
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! Channels over pipes: typed [`Sender`]/[`Receiver`], [`Duplex`] pairs and
+//! raw-bytes [`BytesSender`]/[`BytesReceiver`].
+//!
+//! Every handle is `Send` (it can move to another thread or into a child
+//! process) and every operation takes `&mut self`, so two tasks can never
+//! interleave frames on one handle: the compiler enforces what gipc checks at
+//! run time with `GIPCLocked`.
+
+use crate::backend::{Backend, Io};
+use crate::error::{Error, ErrorKind, Result};
+use crate::framing::{DEFAULT_MAX_FRAME, Decoder, Encoder, FrameError};
+use crate::message::{Decode, Encode, Message, encode_into};
+use crate::sys;
+use std::future::poll_fn;
+use std::io;
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::os::fd::OwnedFd;
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+/// `feed` flushes by itself once this many bytes are queued.
+const FEED_HIGH_WATER: usize = 256 * 1024;
+
+/// Options for new channels: backend and maximum frame size.
+///
+/// ```
+/// use ringipc::{Backend, ChannelConfig};
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let (mut tx, mut rx) = ChannelConfig::new()
+///     .backend(Backend::Epoll)
+///     .max_frame_size(1 << 20)
+///     .pipe::<String>()?;
+/// tx.send(&"hi".to_string()).await?;
+/// assert_eq!(rx.recv().await?.as_str(), "hi");
+/// # Ok::<(), ringipc::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct ChannelConfig {
+    backend: Backend,
+    max_frame: usize,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig::new()
+    }
+}
+
+impl ChannelConfig {
+    /// Process-default backend, 256 MiB maximum frame.
+    pub fn new() -> ChannelConfig {
+        ChannelConfig {
+            backend: Backend::Auto,
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+
+    /// The backend for channels made from this config.
+    pub fn backend(mut self, backend: Backend) -> ChannelConfig {
+        self.backend = backend;
+        self
+    }
+
+    /// Largest payload, in bytes, either end accepts. A receiver checks it
+    /// before allocating; a sender refuses larger messages without writing.
+    pub fn max_frame_size(mut self, bytes: usize) -> ChannelConfig {
+        self.max_frame = bytes;
+        self
+    }
+
+    fn ends(&self) -> Result<(RecvHalf, SendHalf)> {
+        let backend = self.backend.resolve()?;
+        let (r, w) = sys::pipe().map_err(|e| Error::io("pipe2", e))?;
+        Ok((
+            RecvHalf::new(r, backend, self.max_frame)?,
+            SendHalf::new(w, backend, self.max_frame)?,
+        ))
+    }
+
+    /// A typed one-way channel.
+    pub fn pipe<T>(&self) -> Result<(Sender<T>, Receiver<T>)> {
+        let (r, w) = self.ends()?;
+        Ok((Sender::from_half(w), Receiver::from_half(r)))
+    }
+
+    /// Two typed one-way channels, one each way: the first end sends `A`
+    /// and receives `B`.
+    pub fn duplex<A, B>(&self) -> Result<(Duplex<A, B>, Duplex<B, A>)> {
+        let (a_tx, a_rx) = self.pipe::<A>()?;
+        let (b_tx, b_rx) = self.pipe::<B>()?;
+        Ok((Duplex { tx: a_tx, rx: b_rx }, Duplex { tx: b_tx, rx: a_rx }))
+    }
+
+    /// A raw-bytes one-way channel: frames carry `&[u8]`, no rkyv.
+    pub fn bytes_pipe(&self) -> Result<(BytesSender, BytesReceiver)> {
+        let (r, w) = self.ends()?;
+        Ok((BytesSender { half: w }, BytesReceiver { half: r }))
+    }
+
+    /// Adopts the read end of a pipe (or any stream fd) written in the wire
+    /// format by another program. Use [`BytesReceiver::into_typed`] for rkyv
+    /// messages.
+    pub fn bytes_receiver(&self, fd: OwnedFd) -> Result<BytesReceiver> {
+        Ok(BytesReceiver {
+            half: RecvHalf::new(fd, self.backend, self.max_frame)?,
+        })
+    }
+
+    /// Adopts the write end of a pipe (or any stream fd) read by another program.
+    pub fn bytes_sender(&self, fd: OwnedFd) -> Result<BytesSender> {
+        Ok(BytesSender {
+            half: SendHalf::new(fd, self.backend, self.max_frame)?,
+        })
+    }
+}
+
+/// A typed one-way channel on the process-default backend.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, PartialEq)]
+/// struct Job { id: u32, name: String }
+///
+/// let (mut tx, mut rx) = ringipc::pipe::<Job>()?;
+/// tx.send(&Job { id: 7, name: "seven".into() }).await?;
+/// let msg = rx.recv().await?;
+/// assert_eq!(msg.id, 7);               // read in place, no copy
+/// assert_eq!(msg.name.as_str(), "seven");
+/// assert_eq!(msg.deserialize()?, Job { id: 7, name: "seven".into() });
+/// # Ok::<(), ringipc::Error>(())
+/// # }).unwrap();
+/// ```
+pub fn pipe<T>() -> Result<(Sender<T>, Receiver<T>)> {
+    ChannelConfig::new().pipe()
+}
+
+/// Two typed pipes, one each way, on the process-default backend.
+pub fn duplex<A, B>() -> Result<(Duplex<A, B>, Duplex<B, A>)> {
+    ChannelConfig::new().duplex()
+}
+
+/// A raw-bytes pipe on the process-default backend.
+pub fn bytes_pipe() -> Result<(BytesSender, BytesReceiver)> {
+    ChannelConfig::new().bytes_pipe()
+}
+
+fn frame_error(op: &'static str, e: FrameError) -> Error {
+    let kind = match e {
+        FrameError::TooLarge { .. } => ErrorKind::FrameTooLarge,
+        FrameError::Protocol(_) | FrameError::UnknownVersion(_) => ErrorKind::Protocol,
+        FrameError::Truncated { .. } => ErrorKind::Truncated,
+        FrameError::Closed => return Error::new(ErrorKind::Closed, op),
+    };
+    Error::new(kind, op).with_source(e)
+}
+
+/// The receiving machinery shared by typed and bytes receivers.
+pub(crate) struct RecvHalf {
+    io: Io,
+    dec: Decoder,
+    /// Set after an I/O error: later calls fail fast instead of reading a
+    /// stream of unknown state.
+    broken: bool,
+}
+
+impl RecvHalf {
+    pub(crate) fn new(fd: OwnedFd, backend: Backend, max_frame: usize) -> Result<RecvHalf> {
+        Ok(RecvHalf {
+            io: Io::new(fd, backend)?,
+            dec: Decoder::new(max_frame),
+            broken: false,
+        })
+    }
+
+    /// Polls for the next whole frame; returns its payload range. Only a
+    /// decoded frame leaves this function, so dropping the future between
+    /// polls loses nothing: bytes read so far stay in the decoder, and a read
+    /// in flight stays with the handle.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Range<usize>>> {
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some(r)) => return Poll::Ready(Ok(r)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(frame_error("recv", e))),
+            }
+            if self.broken {
+                return Poll::Ready(Err(Error::new(
+                    ErrorKind::Closed,
+                    "recv after an I/O error",
+                )));
+            }
+            match ready!(self.io.poll_read(cx, &mut self.dec)) {
+                Ok(0) => {
+                    let e = self.dec.eof();
+                    return Poll::Ready(Err(frame_error("recv", e)));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Err(Error::io("recv", e)));
+                }
+            }
+        }
+    }
+
+    async fn frame(&mut self) -> Result<&[u8]> {
+        let r = poll_fn(|cx| self.poll_frame(cx)).await?;
+        Ok(&self.dec.buffer()[r])
+    }
+
+    async fn frame_timeout(&mut self, timeout: Duration) -> Result<&[u8]> {
+        let r = match tokio::time::timeout(timeout, poll_fn(|cx| self.poll_frame(cx))).await {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::new(ErrorKind::TimedOut, "recv_timeout")),
+        };
+        Ok(&self.dec.buffer()[r])
+    }
+
+    fn try_frame(&mut self) -> Result<Option<&[u8]>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll_frame(&mut cx) {
+            Poll::Ready(Ok(r)) => Ok(Some(&self.dec.buffer()[r])),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(None),
+        }
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        self.io.backend()
+    }
+}
+
+/// The sending machinery shared by typed and bytes senders.
+pub(crate) struct SendHalf {
+    io: Io,
+    enc: Encoder,
+    closed: bool,
+}
+
+impl SendHalf {
+    pub(crate) fn new(fd: OwnedFd, backend: Backend, max_frame: usize) -> Result<SendHalf> {
+        Ok(SendHalf {
+            io: Io::new(fd, backend)?,
+            enc: Encoder::new(max_frame),
+            closed: false,
+        })
+    }
+
+    fn push(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<()> {
+        if self.closed {
+            return Err(Error::new(ErrorKind::Closed, "send"));
+        }
+        self.enc.push_with(fill, |len, max| {
+            Error::new(
+                ErrorKind::FrameTooLarge,
+                format!("send: message of {len} bytes exceeds the limit of {max} bytes"),
+            )
+        })
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        while self.enc.has_pending() {
+            if self.closed {
+                return Poll::Ready(Err(Error::new(ErrorKind::Closed, "send")));
+            }
+            match ready!(self.io.poll_write(cx, &mut self.enc)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // The reader is gone (EPIPE) or the fd broke: later sends fail fast.
+                    self.closed = true;
+                    return Poll::Ready(Err(Error::io("send", e)));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    async fn feed_flush(&mut self) -> Result<()> {
+        if self.enc.queued() >= FEED_HIGH_WATER {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        self.io.backend()
+    }
+}
+
+impl Drop for SendHalf {
+    fn drop(&mut self) {
+        // A send future dropped mid-write leaves bytes queued; finish them if
+        // the pipe has room right now. Drop never blocks.
+        if !self.closed && self.enc.has_pending() {
+            self.io.write_now(&mut self.enc);
+        }
+    }
+}
+
+/// The sending end of a typed channel.
+pub struct Sender<T> {
+    half: SendHalf,
+    _t: PhantomData<fn(&T)>,
+}
+
+/// The receiving end of a typed channel.
+pub struct Receiver<T> {
+    half: RecvHalf,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Sender<T> {
+    pub(crate) fn from_half(half: SendHalf) -> Sender<T> {
+        Sender {
+            half,
+            _t: PhantomData,
+        }
+    }
+
+    /// The backend this end runs on.
+    pub fn backend(&self) -> Backend {
+        self.half.backend()
+    }
+
+    /// Writes everything queued by [`Sender::feed`].
+    ///
+    /// Cancellation-safe: if the future is dropped, whatever was not yet
+    /// written stays queued and the next `send`/`flush` writes it, so the
+    /// stream never holds half a frame followed by another frame.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.half.flush().await
+    }
+
+    /// Flushes and closes this end: the receiver gets every message, then
+    /// [`ErrorKind::Closed`]. Dropping the sender also closes it.
+    pub async fn close(mut self) -> Result<()> {
+        self.half.flush().await
+    }
+
+    /// The same stream, written as raw frames.
+    pub fn into_bytes(self) -> BytesSender {
+        BytesSender { half: self.half }
+    }
+}
+
+impl<T: Encode> Sender<T> {
+    /// Sends one message and waits until the kernel has accepted all of it.
+    ///
+    /// A message larger than the channel's maximum frame size fails with
+    /// [`ErrorKind::FrameTooLarge`] and writes nothing. A reader that is gone
+    /// gives [`ErrorKind::Closed`] (never SIGPIPE).
+    ///
+    /// Cancellation-safe: the frame is queued whole at the first poll, and
+    /// dropping the future leaves it queued for the next `send`/`flush`.
+    pub async fn send(&mut self, value: &T) -> Result<()> {
+        self.half.push(|buf| encode_into(value, buf))?;
+        self.half.flush().await
+    }
+
+    /// Queues one message without waiting for it to be written (it is
+    /// written when 256 KiB are queued, or on `flush`/`send`). Frames queued
+    /// together go out in one write: use it for bursts of small messages.
+    pub async fn feed(&mut self, value: &T) -> Result<()> {
+        self.half.push(|buf| encode_into(value, buf))?;
+        self.half.feed_flush().await
+    }
+}
+
+impl<T> Receiver<T> {
+    pub(crate) fn from_half(half: RecvHalf) -> Receiver<T> {
+        Receiver {
+            half,
+            _t: PhantomData,
+        }
+    }
+
+    /// The backend this end runs on.
+    pub fn backend(&self) -> Backend {
+        self.half.backend()
+    }
+
+    /// Closes this end; a sender then gets [`ErrorKind::Closed`].
+    pub fn close(self) {}
+
+    /// The same stream, seen as raw frames.
+    pub fn into_bytes(self) -> BytesReceiver {
+        BytesReceiver { half: self.half }
+    }
+}
+
+impl<T: Decode> Receiver<T> {
+    /// Receives the next message, validated and borrowed in place.
+    ///
+    /// Ends with [`ErrorKind::Closed`] once the sender is gone and every
+    /// message has been delivered; [`ErrorKind::Truncated`] if the stream was
+    /// cut inside a frame; [`ErrorKind::InvalidMessage`] for a payload that is
+    /// not a valid archive (the channel stays usable).
+    ///
+    /// Cancellation-safe: a dropped `recv` loses no message.
+    pub async fn recv(&mut self) -> Result<Message<'_, T>> {
+        let bytes = self.half.frame().await?;
+        Message::validate(bytes)
+    }
+
+    /// [`Receiver::recv`] with a deadline; [`ErrorKind::TimedOut`] loses nothing.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Message<'_, T>> {
+        let bytes = self.half.frame_timeout(timeout).await?;
+        Message::validate(bytes)
+    }
+
+    /// Returns a message if one can be had without waiting, else `Ok(None)`.
+    /// Must be called inside a tokio runtime.
+    pub fn try_recv(&mut self) -> Result<Option<Message<'_, T>>> {
+        match self.half.try_frame()? {
+            Some(bytes) => Message::validate(bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Receives without validating the archive.
+    ///
+    /// # Safety
+    /// The peer must be trusted to send only valid archives of `T` produced by
+    /// ringipc's `Sender<T>` (same `T`, same rkyv version and format features).
+    /// An invalid payload is undefined behaviour. Use [`Receiver::recv`]
+    /// unless validation shows up in a profile.
+    pub async unsafe fn recv_unchecked(&mut self) -> Result<Message<'_, T>> {
+        let bytes = self.half.frame().await?;
+        // SAFETY: forwarded from this function's contract.
+        Ok(unsafe { Message::unchecked(bytes) })
+    }
+}
+
+/// One end of a bidirectional channel: sends `S`, receives `R`.
+///
+/// Built from two pipes. [`Duplex::split`] gives the two directions to
+/// different tasks.
+pub struct Duplex<S, R> {
+    tx: Sender<S>,
+    rx: Receiver<R>,
+}
+
+impl<S, R> Duplex<S, R> {
+    /// The two directions as separate handles.
+    pub fn split(self) -> (Sender<S>, Receiver<R>) {
+        (self.tx, self.rx)
+    }
+
+    /// Borrows the sending direction.
+    pub fn sender(&mut self) -> &mut Sender<S> {
+        &mut self.tx
+    }
+
+    /// Borrows the receiving direction.
+    pub fn receiver(&mut self) -> &mut Receiver<R> {
+        &mut self.rx
+    }
+}
+
+impl<S: Encode, R> Duplex<S, R> {
+    /// See [`Sender::send`].
+    pub async fn send(&mut self, value: &S) -> Result<()> {
+        self.tx.send(value).await
+    }
+}
+
+impl<S, R: Decode> Duplex<S, R> {
+    /// See [`Receiver::recv`].
+    pub async fn recv(&mut self) -> Result<Message<'_, R>> {
+        self.rx.recv().await
+    }
+
+    /// See [`Receiver::recv_timeout`].
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Message<'_, R>> {
+        self.rx.recv_timeout(timeout).await
+    }
+}
+
+/// The sending end of a raw-bytes channel. Any program that writes the frame
+/// format of `docs/wire-format.md` can stand on the other side.
+pub struct BytesSender {
+    half: SendHalf,
+}
+
+/// The receiving end of a raw-bytes channel.
+pub struct BytesReceiver {
+    half: RecvHalf,
+}
+
+impl BytesSender {
+    /// Sends one frame carrying `bytes`; see [`Sender::send`].
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.half.push(|buf| {
+            buf.extend_from_slice(bytes);
+            Ok(())
+        })?;
+        self.half.flush().await
+    }
+
+    /// Queues one frame; see [`Sender::feed`].
+    pub async fn feed(&mut self, bytes: &[u8]) -> Result<()> {
+        self.half.push(|buf| {
+            buf.extend_from_slice(bytes);
+            Ok(())
+        })?;
+        self.half.feed_flush().await
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.half.flush().await
+    }
+
+    /// Flushes and closes this end.
+    pub async fn close(mut self) -> Result<()> {
+        self.half.flush().await
+    }
+
+    /// The backend this end runs on.
+    pub fn backend(&self) -> Backend {
+        self.half.backend()
+    }
+
+    /// Sends rkyv messages of type `T` on this stream from now on.
+    pub fn into_typed<T>(self) -> Sender<T> {
+        Sender::from_half(self.half)
+    }
+}
+
+impl BytesReceiver {
+    /// Receives rkyv messages of type `T` from this stream from now on.
+    pub fn into_typed<T>(self) -> Receiver<T> {
+        Receiver::from_half(self.half)
+    }
+
+    /// Receives the next frame's payload, 16-byte aligned, borrowed in place.
+    pub async fn recv(&mut self) -> Result<&[u8]> {
+        self.half.frame().await
+    }
+
+    /// [`BytesReceiver::recv`] with a deadline.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<&[u8]> {
+        self.half.frame_timeout(timeout).await
+    }
+
+    /// A frame if one can be had without waiting.
+    pub fn try_recv(&mut self) -> Result<Option<&[u8]>> {
+        self.half.try_frame()
+    }
+
+    /// The backend this end runs on.
+    pub fn backend(&self) -> Backend {
+        self.half.backend()
+    }
+}
