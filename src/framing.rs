@@ -569,7 +569,8 @@ mod tests {
             }
             if !failed {
                 let e = d.eof();
-                prop_assert!(matches!(e, FrameError::Closed | FrameError::Truncated { .. }));
+                let ok = matches!(e, FrameError::Closed | FrameError::Truncated { .. });
+                prop_assert!(ok, "unexpected {:?}", e);
             }
         }
 
