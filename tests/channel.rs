@@ -385,3 +385,44 @@ both_backends!(
     across_threads,
     validate_rejects_misaligned,
 );
+
+/// ringipc handles inside a tokio-uring runtime (a tokio current-thread
+/// runtime with its own ring underneath), on both ringipc backends.
+fn inside_tokio_uring(backend: ringipc::Backend) {
+    if let Err(why) = ringipc::uring_probe() {
+        eprintln!("SKIPPED: tokio-uring needs io_uring, which the kernel refuses: {why}");
+        return;
+    }
+    tokio_uring::start(async move {
+        let cfg = ChannelConfig::new().backend(backend);
+        let (mut a, mut b) = cfg.duplex::<String, u64>().unwrap();
+        let peer = tokio_uring::spawn(async move {
+            for i in 0..500u64 {
+                let m = b.recv().await.unwrap();
+                assert_eq!(m.as_str(), i.to_string());
+                b.send(&(i * 2)).await.unwrap();
+            }
+        });
+        for i in 0..500u64 {
+            a.send(&i.to_string()).await.unwrap();
+            assert_eq!(
+                a.recv_timeout(Duration::from_secs(5))
+                    .await
+                    .unwrap()
+                    .to_native(),
+                i * 2
+            );
+        }
+        peer.await.unwrap();
+    });
+}
+
+#[test]
+fn uring_inside_tokio_uring_runtime() {
+    inside_tokio_uring(ringipc::Backend::Uring);
+}
+
+#[test]
+fn epoll_inside_tokio_uring_runtime() {
+    inside_tokio_uring(ringipc::Backend::Epoll);
+}
