@@ -159,8 +159,8 @@ fn frame_error(op: &'static str, e: FrameError) -> Error {
 
 /// The receiving machinery shared by typed and bytes receivers.
 pub(crate) struct RecvHalf {
-    io: Io,
-    dec: Decoder,
+    pub(crate) io: Io,
+    pub(crate) dec: Decoder,
     /// Set after an I/O error: later calls fail fast instead of reading a
     /// stream of unknown state.
     broken: bool,
@@ -175,6 +175,14 @@ impl RecvHalf {
         })
     }
 
+    pub(crate) fn resumed(io: Io, dec: Decoder) -> RecvHalf {
+        RecvHalf {
+            io,
+            dec,
+            broken: false,
+        }
+    }
+
     /// Polls for the next whole frame; returns its payload range. Only a
     /// decoded frame leaves this function, so dropping the future between
     /// polls loses nothing: bytes read so far stay in the decoder, and a read
@@ -184,7 +192,12 @@ impl RecvHalf {
             match self.dec.next_frame() {
                 Ok(Some(r)) => return Poll::Ready(Ok(r)),
                 Ok(None) => {}
-                Err(e) => return Poll::Ready(Err(frame_error("recv", e))),
+                Err(e) => {
+                    // A broken stream cannot be resynchronised: close our end
+                    // so the writer sees EPIPE instead of blocking on a full pipe.
+                    self.io.close();
+                    return Poll::Ready(Err(frame_error("recv", e)));
+                }
             }
             if self.broken {
                 return Poll::Ready(Err(Error::new(
@@ -236,18 +249,31 @@ impl RecvHalf {
 
 /// The sending machinery shared by typed and bytes senders.
 pub(crate) struct SendHalf {
-    io: Io,
-    enc: Encoder,
+    pub(crate) io: Io,
+    pub(crate) enc: Encoder,
     closed: bool,
+    /// Handed to a child: this copy must not write on drop.
+    pub(crate) moved: std::sync::atomic::AtomicBool,
 }
 
 impl SendHalf {
     pub(crate) fn new(fd: OwnedFd, backend: Backend, max_frame: usize) -> Result<SendHalf> {
+        sys::ignore_sigpipe();
         Ok(SendHalf {
             io: Io::new(fd, backend)?,
             enc: Encoder::new(max_frame),
             closed: false,
+            moved: Default::default(),
         })
+    }
+
+    pub(crate) fn resumed(io: Io, enc: Encoder) -> SendHalf {
+        SendHalf {
+            io,
+            enc,
+            closed: false,
+            moved: Default::default(),
+        }
     }
 
     fn push(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<()> {
@@ -300,7 +326,7 @@ impl Drop for SendHalf {
     fn drop(&mut self) {
         // A send future dropped mid-write leaves bytes queued; finish them if
         // the pipe has room right now. Drop never blocks.
-        if !self.closed && self.enc.has_pending() {
+        if !self.closed && self.enc.has_pending() && !*self.moved.get_mut() {
             self.io.write_now(&mut self.enc);
         }
     }
@@ -308,13 +334,13 @@ impl Drop for SendHalf {
 
 /// The sending end of a typed channel.
 pub struct Sender<T> {
-    half: SendHalf,
+    pub(crate) half: SendHalf,
     _t: PhantomData<fn(&T)>,
 }
 
 /// The receiving end of a typed channel.
 pub struct Receiver<T> {
-    half: RecvHalf,
+    pub(crate) half: RecvHalf,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -444,6 +470,8 @@ impl<T: Decode> Receiver<T> {
 ///
 /// Built from two pipes. [`Duplex::split`] gives the two directions to
 /// different tasks.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(archived = ArchivedDuplex)]
 pub struct Duplex<S, R> {
     tx: Sender<S>,
     rx: Receiver<R>,
@@ -488,12 +516,12 @@ impl<S, R: Decode> Duplex<S, R> {
 /// The sending end of a raw-bytes channel. Any program that writes the frame
 /// format of `docs/wire-format.md` can stand on the other side.
 pub struct BytesSender {
-    half: SendHalf,
+    pub(crate) half: SendHalf,
 }
 
 /// The receiving end of a raw-bytes channel.
 pub struct BytesReceiver {
-    half: RecvHalf,
+    pub(crate) half: RecvHalf,
 }
 
 impl BytesSender {

@@ -31,6 +31,11 @@ pub enum ErrorKind {
     Serialize,
     /// A child process could not be started.
     Spawn,
+    /// A child's entry function panicked; the message is in the error.
+    Panicked,
+    /// A child ended without returning a value (it exited early or was
+    /// killed); the status is in the error.
+    Exited,
     /// The requested feature or backend is not available on this system.
     Unsupported,
     /// An operating-system error; [`std::error::Error::source`] holds the `io::Error`.
@@ -48,6 +53,8 @@ impl ErrorKind {
             ErrorKind::InvalidMessage => "invalid message",
             ErrorKind::Serialize => "serialization failed",
             ErrorKind::Spawn => "spawn failed",
+            ErrorKind::Panicked => "child panicked",
+            ErrorKind::Exited => "child ended without a result",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Io => "I/O error",
         }

@@ -224,6 +224,50 @@ impl Encoder {
         }
     }
 
+    /// The payload limit.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Whether the stream's hello frame has been encoded.
+    pub fn started(&self) -> bool {
+        self.hello_sent
+    }
+
+    /// The bytes not yet written, for handing the stream to another process.
+    /// `lent` is the buffer of a settled in-flight write and how many of its
+    /// pending bytes the kernel wrote (required while the buffer is lent).
+    pub fn unsent(&self, lent: Option<(&[u8], usize)>) -> Vec<u8> {
+        let mut out = match lent {
+            Some((buf, written)) if self.lent => {
+                buf[(self.pos + written).min(buf.len())..].to_vec()
+            }
+            _ => self.buf[self.pos..].to_vec(),
+        };
+        out.extend_from_slice(&self.next);
+        out
+    }
+
+    /// An encoder that continues a stream another encoder started: `started`
+    /// says whether the hello frame went out, `unsent` holds the bytes that
+    /// did not (possibly starting inside a frame).
+    pub fn resume(max_frame: usize, started: bool, unsent: &[u8]) -> Encoder {
+        let mut enc = Encoder::new(max_frame);
+        enc.hello_sent = started;
+        // The unsent bytes end on a frame boundary, a multiple of 16 into the
+        // stream; pad their front so buffer offsets stay congruent to stream
+        // offsets mod 16 (rkyv aligns relative to the buffer).
+        let pad = (FRAME_ALIGN - unsent.len() % FRAME_ALIGN) % FRAME_ALIGN;
+        enc.buf = vec![0u8; pad];
+        enc.buf.extend_from_slice(unsent);
+        enc.pos = pad;
+        if enc.pos == enc.buf.len() {
+            enc.buf.clear();
+            enc.pos = 0;
+        }
+        enc
+    }
+
     /// Bytes unwritten or in flight.
     pub fn queued(&self) -> usize {
         if self.lent {
@@ -408,6 +452,33 @@ impl Decoder {
         self.fail(e)
     }
 
+    /// Whether the hello frame has been received.
+    pub fn started(&self) -> bool {
+        self.hello_seen
+    }
+
+    /// Offset of the first unconsumed byte in the buffer.
+    pub fn consumed(&self) -> usize {
+        self.start
+    }
+
+    /// The bytes received but not yet decoded (empty while the buffer is lent).
+    pub fn unconsumed(&self) -> &[u8] {
+        if self.lent {
+            &[]
+        } else {
+            &self.buf[self.start..]
+        }
+    }
+
+    /// A decoder that continues a stream another decoder started.
+    pub fn resume(max_frame: usize, started: bool, unconsumed: &[u8]) -> Decoder {
+        let mut dec = Decoder::new(max_frame);
+        dec.hello_seen = started;
+        dec.feed(unconsumed);
+        dec
+    }
+
     /// Whether the stream has failed or closed.
     pub fn is_done(&self) -> bool {
         self.failed.is_some()
@@ -449,7 +520,13 @@ impl Decoder {
             self.start = 0;
         }
         if self.buf.capacity() - self.buf.len() < want {
-            self.buf.reserve(want);
+            // Room for exactly one large frame, not the doubling `reserve`
+            // would do: the limit bounds memory, not half of it.
+            if want > READ_CHUNK {
+                self.buf.reserve_exact(want);
+            } else {
+                self.buf.reserve(want);
+            }
         }
         let len = self.buf.len();
         let spare = self.buf.capacity() - len;

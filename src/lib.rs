@@ -22,6 +22,7 @@ mod channel;
 mod error;
 pub mod framing;
 mod message;
+mod process;
 mod sys;
 
 pub use backend::{Backend, process_default as default_backend, uring_probe};
@@ -30,4 +31,8 @@ pub use channel::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Decode, Encode, Message};
+pub use process::{
+    Affinity, ArchivedHandoffState, EXIT_PANIC, EXIT_START_FAILED, ExitStatus, HandoffResolver,
+    HandoffState, OnDrop, Process, ProcessBuilder, init, join_all, join_any, spawn, spawn_async,
+};
 pub use rkyv;

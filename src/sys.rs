@@ -106,3 +106,171 @@ pub fn ignore_sigpipe() {
         }
     });
 }
+
+/// `pidfd_open(2)`: a close-on-exec fd that refers to process `pid`.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` to the process behind `pidfd` (no pid-reuse race).
+pub fn pidfd_send_signal(pidfd: RawFd, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a null siginfo and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// How a process ended, as reported by `waitid`.
+pub fn decode_siginfo(info: &libc::siginfo_t) -> (bool, i32) {
+    // SAFETY: the kernel filled `info` for a CLD_* event, for which si_status is valid.
+    let status = unsafe { info.si_status() };
+    match info.si_code {
+        libc::CLD_EXITED => (true, status),
+        _ => (false, status),
+    }
+}
+
+/// `waitid(P_PIDFD, pidfd, WEXITED | flags)`: `Ok(None)` if the process has
+/// not exited yet (with `WNOHANG`), else `(exited normally, code or signal)`.
+pub fn waitid_pidfd(pidfd: RawFd, nohang: bool) -> io::Result<Option<(bool, i32)>> {
+    // SAFETY: a zeroed siginfo_t is a valid value for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | if nohang { libc::WNOHANG } else { 0 };
+    loop {
+        // SAFETY: `info` is a valid siginfo_t to write into.
+        let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd as libc::id_t, &mut info, flags) };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // SAFETY: with WNOHANG, si_pid stays 0 when no child changed state.
+    if unsafe { info.si_pid() } == 0 {
+        return Ok(None);
+    }
+    Ok(Some(decode_siginfo(&info)))
+}
+
+/// An anonymous, close-on-exec in-memory file holding `data`, positioned at 0.
+pub fn memfd_with(name: &std::ffi::CStr, data: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid C string; MFD_CLOEXEC is a valid flag.
+    let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: memfd_create returned a new fd that nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut f, data)?;
+    std::io::Seek::rewind(&mut f)?;
+    Ok(f.into())
+}
+
+/// Clears or sets `FD_CLOEXEC`.
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD with a valid flag value.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flag) })?;
+    Ok(())
+}
+
+/// Closes every fd from 3 up that is not in `keep` (sorted).
+pub fn close_fds_except(keep: &[RawFd]) {
+    let mut from: libc::c_uint = 3;
+    let mut bounds: Vec<libc::c_uint> = keep.iter().map(|&k| k as libc::c_uint).collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    for k in bounds.into_iter().chain(std::iter::once(libc::c_uint::MAX)) {
+        if k > from {
+            let last = if k == libc::c_uint::MAX { k } else { k - 1 };
+            // SAFETY: close_range only closes fds in the range; none of them is
+            // owned by live Rust objects this early in a child (before the entry runs).
+            let r = unsafe { libc::syscall(libc::SYS_close_range, from, last, 0) };
+            if r < 0 {
+                // Kernels before 5.9: close one by one what /proc says is open.
+                close_range_slow(from, last);
+            }
+        }
+        from = from.max(k.saturating_add(1));
+    }
+}
+
+fn close_range_slow(from: libc::c_uint, last: libc::c_uint) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<libc::c_uint> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= from && fd <= last)
+        .collect();
+    for fd in fds {
+        // SAFETY: see close_fds_except; closing an fd that read_dir used is harmless.
+        unsafe { libc::close(fd as libc::c_int) };
+    }
+}
+
+/// The CPUs the process (its main thread) may run on.
+pub fn process_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: getpid has no preconditions.
+    cpus_of(unsafe { libc::getpid() })
+}
+
+/// The CPUs the calling thread may run on.
+pub fn thread_cpus() -> io::Result<Vec<usize>> {
+    cpus_of(0)
+}
+
+fn cpus_of(pid: libc::pid_t) -> io::Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    cvt(unsafe { libc::sched_getaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `i` is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect())
+}
+
+/// A cpu_set_t holding `cpus` (each below CPU_SETSIZE; checked by the caller).
+pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: a zeroed cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: the caller checked `c < CPU_SETSIZE`.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+/// Pins the calling thread (`pid` 0) to `set`.
+pub fn set_affinity(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) })?;
+    Ok(())
+}
+
+/// Sets the calling thread's name (the `comm` shown by `ps` and `top`).
+pub fn set_thread_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}

@@ -7,7 +7,7 @@
 use crate::framing::{Decoder, Encoder};
 use crate::sys;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::task::{Context, Poll, ready};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -54,6 +54,10 @@ impl EpollIo {
             }
         }
         Ok(&self.reg.as_ref().expect("registered above").1)
+    }
+
+    pub(crate) fn raw_fd(&self) -> i32 {
+        self.raw().expect("an EpollIo always holds its fd")
     }
 
     fn raw(&self) -> Option<i32> {
@@ -117,13 +121,43 @@ impl EpollIo {
             }
         }
     }
+}
 
-    /// Gives the fd back (deregistered), e.g. to hand it to a child process.
-    #[allow(dead_code)]
-    pub(crate) fn into_fd(mut self) -> Option<OwnedFd> {
-        match self.reg.take() {
-            Some((_, afd)) => Some(afd.into_inner()),
-            None => self.fd.take(),
+struct Pidfd(RawFd);
+
+impl AsRawFd for Pidfd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Waits for a pidfd to become readable (the process exited) on tokio's reactor.
+#[derive(Default)]
+pub(crate) struct EpollWait {
+    reg: Option<(Id, AsyncFd<Pidfd>)>,
+}
+
+impl EpollWait {
+    /// Ready once the process behind `pidfd` has exited (not yet reaped).
+    ///
+    /// The caller keeps `pidfd` open for as long as this waiter exists.
+    pub(crate) fn poll_exited(
+        &mut self,
+        cx: &mut Context<'_>,
+        pidfd: RawFd,
+    ) -> Poll<io::Result<()>> {
+        let id = Handle::try_current().map_err(|_| no_runtime())?.id();
+        if !matches!(&self.reg, Some((rid, _)) if *rid == id) {
+            self.reg = None;
+            // SAFETY: the owner of this waiter keeps `pidfd` open while the
+            // waiter exists (it is dropped before the pidfd in `Process`).
+            let afd = unsafe { AsyncFd::register_with_interest(Pidfd(pidfd), Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
+            self.reg = Some((id, afd));
         }
+        let afd = &self.reg.as_ref().expect("registered above").1;
+        let _guard = ready!(afd.poll_read_ready(cx))?;
+        // A pidfd stays readable once the process has exited; nothing to clear.
+        Poll::Ready(Ok(()))
     }
 }

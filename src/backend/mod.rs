@@ -137,6 +137,8 @@ pub fn process_default() -> Result<Backend> {
 pub(crate) enum Io {
     Uring(uring::UringIo),
     Epoll(epoll::EpollIo),
+    /// The fd was closed after the stream broke.
+    Closed(Backend),
 }
 
 impl Io {
@@ -155,7 +157,18 @@ impl Io {
         match self {
             Io::Uring(_) => Backend::Uring,
             Io::Epoll(_) => Backend::Epoll,
+            Io::Closed(b) => *b,
         }
+    }
+
+    /// Closes the fd (an in-flight read is cancelled as on drop).
+    pub(crate) fn close(&mut self) {
+        let b = self.backend();
+        *self = Io::Closed(b);
+    }
+
+    fn closed() -> io::Error {
+        io::Error::from_raw_os_error(libc::EBADF)
     }
 
     /// Reads into the decoder's spare room; `Ok(0)` is end of stream.
@@ -167,6 +180,7 @@ impl Io {
         match self {
             Io::Uring(u) => u.poll_read(cx, dec),
             Io::Epoll(e) => e.poll_read(cx, dec),
+            Io::Closed(_) => Poll::Ready(Err(Io::closed())),
         }
     }
 
@@ -179,6 +193,24 @@ impl Io {
         match self {
             Io::Uring(u) => u.poll_write(cx, enc),
             Io::Epoll(e) => e.poll_write(cx, enc),
+            Io::Closed(_) => Poll::Ready(Err(Io::closed())),
+        }
+    }
+
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Io::Uring(u) => u.raw_fd(),
+            Io::Epoll(e) => e.raw_fd(),
+            Io::Closed(_) => -1,
+        }
+    }
+
+    /// Stops the operation in flight, if any (uring only), returning its
+    /// result and buffer bytes; see `UringIo::settle`.
+    pub(crate) fn settle(&self) -> io::Result<Option<(i32, Vec<u8>)>> {
+        match self {
+            Io::Uring(u) => u.settle(),
+            Io::Epoll(_) | Io::Closed(_) => Ok(None),
         }
     }
 
@@ -187,6 +219,7 @@ impl Io {
         match self {
             Io::Uring(u) => u.write_now(enc),
             Io::Epoll(e) => e.write_now(enc),
+            Io::Closed(_) => {}
         }
     }
 }

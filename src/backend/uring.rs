@@ -37,6 +37,13 @@ const MAX_IO: usize = 1 << 30;
 /// Checks that a ring can be created and supports every opcode ringipc
 /// submits; the error says why not.
 pub(crate) fn probe() -> Result<(), String> {
+    if let Some((major, minor)) = kernel_version()
+        && (major, minor) < (5, 11)
+    {
+        return Err(format!(
+            "kernel {major}.{minor} is below ringipc's io_uring floor of 5.11"
+        ));
+    }
     let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()
@@ -54,12 +61,49 @@ pub(crate) fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// The running kernel's `(major, minor)`, from uname.
+fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: a zeroed utsname is a valid buffer for uname to fill.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return None;
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_str()
+        .ok()?;
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether the kernel has IORING_OP_WAITID (6.7+); probed once.
+pub(crate) fn waitid_supported() -> bool {
+    static WAITID: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WAITID.get_or_init(|| {
+        let Ok(ring) = IoUring::new(2) else {
+            return false;
+        };
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::WaitId::CODE)
+    })
+}
+
 /// What an operation keeps alive until its completion is reaped.
 enum Keep {
     None,
     Read(AlignedVec<16>),
     Write(Vec<u8>),
+    SigInfo(Box<SigInfo>),
 }
+
+/// A `siginfo_t` for the kernel to fill.
+struct SigInfo(libc::siginfo_t);
+
+// SAFETY: siginfo_t is plain data; its raw pointer fields (si_addr, si_value)
+// are never dereferenced here, only copied.
+unsafe impl Send for SigInfo {}
 
 enum SlotState {
     Free,
@@ -171,6 +215,45 @@ impl Ring {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+impl Ring {
+    /// Cancels operation `id` if it is still running and blocks until its
+    /// completion has been reaped (used when a handle is handed to a child,
+    /// so the parent's kernel operation can no longer touch the pipe).
+    fn settle(&self, id: usize) -> io::Result<()> {
+        let mut st = self.lock();
+        st.reap();
+        if matches!(st.slots[id].state, SlotState::Pending(_)) {
+            let entry = opcode::AsyncCancel::new(id as u64)
+                .build()
+                .user_data(CANCEL_TAG);
+            st.push(&entry)?;
+        }
+        loop {
+            st.reap();
+            if !matches!(st.slots[id].state, SlotState::Pending(_)) {
+                return Ok(());
+            }
+            match st.uring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `f` on a completed operation's result and kept buffer, leaving
+    /// both in place for the owner.
+    fn peek<R>(&self, id: usize, f: impl FnOnce(i32, &Keep) -> R) -> R {
+        let st = self.lock();
+        let slot = &st.slots[id];
+        let res = match slot.state {
+            SlotState::Done(r) => r,
+            _ => -libc::EINPROGRESS,
+        };
+        f(res, &slot.keep)
     }
 }
 
@@ -350,14 +433,58 @@ impl Drop for State {
 struct Op {
     ring: Arc<Ring>,
     id: usize,
-    is_read: bool,
+    /// Cancel (rather than let finish) when the owner goes away.
+    cancel_on_drop: bool,
 }
 
-/// A pipe end on the uring backend. At most one operation is in flight per
-/// handle, and it belongs to the handle, not to the future that started it.
+/// At most one operation in flight, owned by a handle rather than by the
+/// future that started it.
+#[derive(Default)]
+struct OpSlot {
+    op: Option<Op>,
+}
+
+impl OpSlot {
+    fn start(
+        &mut self,
+        entry: squeue::Entry,
+        keep: Keep,
+        cancel_on_drop: bool,
+    ) -> Result<(), (io::Error, Keep)> {
+        let ring = Ring::current().map_err(|e| (e, keep_none()))?;
+        let id = ring.lock().submit(entry, keep)?;
+        self.op = Some(Op {
+            ring,
+            id,
+            cancel_on_drop,
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(i32, Keep)>> {
+        let op = self.op.as_ref().expect("an operation is in flight");
+        let out = ready!(op.ring.poll(op.id, cx))?;
+        self.op = None;
+        Poll::Ready(Ok(out))
+    }
+}
+
+fn keep_none() -> Keep {
+    Keep::None
+}
+
+impl Drop for OpSlot {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            op.ring.lock().orphan(op.id, op.cancel_on_drop);
+        }
+    }
+}
+
+/// A pipe end on the uring backend.
 pub(crate) struct UringIo {
     fd: OwnedFd,
-    op: Option<Op>,
+    slot: OpSlot,
 }
 
 impl UringIo {
@@ -365,26 +492,37 @@ impl UringIo {
         // A nonblocking fd would make io_uring return EAGAIN instead of
         // waiting for the pipe, so uring ends are blocking.
         sys::set_nonblocking(fd.as_raw_fd(), false)?;
-        Ok(UringIo { fd, op: None })
+        Ok(UringIo {
+            fd,
+            slot: OpSlot::default(),
+        })
     }
 
-    fn start(
-        &mut self,
-        entry: squeue::Entry,
-        keep: Keep,
-        is_read: bool,
-    ) -> Result<(), (io::Error, Keep)> {
-        let ring = Ring::current().map_err(|e| (e, Keep::None))?;
-        let id = ring.lock().submit(entry, keep)?;
-        self.op = Some(Op { ring, id, is_read });
-        Ok(())
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
-    fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(i32, Keep)>> {
-        let op = self.op.as_ref().expect("an operation is in flight");
-        let out = ready!(op.ring.poll(op.id, cx))?;
-        self.op = None;
-        Poll::Ready(Ok(out))
+    /// For handing the fd to a child: stops the operation in flight, if any,
+    /// and returns its result with the bytes of its buffer (for a read: the
+    /// buffer up to what the kernel wrote; for a write: the whole buffer).
+    pub(crate) fn settle(&self) -> io::Result<Option<(i32, Vec<u8>)>> {
+        let Some(op) = &self.slot.op else {
+            return Ok(None);
+        };
+        op.ring.settle(op.id)?;
+        Ok(Some(op.ring.peek(op.id, |res, keep| {
+            let bytes = match keep {
+                Keep::Read(buf) => {
+                    let extra = res.max(0) as usize;
+                    // SAFETY: the kernel initialised `extra` bytes right after
+                    // `buf.len()`, inside the capacity `reserve` made.
+                    unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len() + extra) }.to_vec()
+                }
+                Keep::Write(buf) => buf.clone(),
+                _ => Vec::new(),
+            };
+            (res, bytes)
+        })))
     }
 
     pub(crate) fn poll_read(
@@ -392,7 +530,7 @@ impl UringIo {
         cx: &mut Context<'_>,
         dec: &mut Decoder,
     ) -> Poll<io::Result<usize>> {
-        if self.op.is_none() {
+        if self.slot.op.is_none() {
             let (ptr, len) = dec.reserve();
             let entry =
                 opcode::Read::new(types::Fd(self.fd.as_raw_fd()), ptr, len.min(MAX_IO) as u32)
@@ -400,15 +538,14 @@ impl UringIo {
                     .build();
             // The buffer moves into the slot; its heap memory (where `ptr`
             // points) does not move with it.
-            if let Err((e, keep)) = self.start(entry, Keep::Read(dec.take_buf()), true) {
+            if let Err((e, keep)) = self.slot.start(entry, Keep::Read(dec.take_buf()), true) {
                 if let Keep::Read(buf) = keep {
                     dec.put_buf(buf);
                 }
                 return Poll::Ready(Err(e));
             }
         }
-        debug_assert!(self.op.as_ref().is_some_and(|o| o.is_read));
-        let (res, keep) = ready!(self.poll_op(cx))?;
+        let (res, keep) = ready!(self.slot.poll(cx))?;
         if let Keep::Read(buf) = keep {
             dec.put_buf(buf);
         }
@@ -425,7 +562,7 @@ impl UringIo {
         cx: &mut Context<'_>,
         enc: &mut Encoder,
     ) -> Poll<io::Result<usize>> {
-        if self.op.is_none() {
+        if self.slot.op.is_none() {
             let (buf, pos) = enc.take_buf();
             let len = (buf.len() - pos).min(MAX_IO);
             // SAFETY: `pos <= buf.len()`, so the pointer stays inside the allocation.
@@ -433,14 +570,16 @@ impl UringIo {
             let entry = opcode::Write::new(types::Fd(self.fd.as_raw_fd()), ptr, len as u32)
                 .offset(u64::MAX)
                 .build();
-            if let Err((e, keep)) = self.start(entry, Keep::Write(buf), false) {
+            // Writes are left to finish if the handle goes away: bytes handed
+            // to the kernel are still delivered.
+            if let Err((e, keep)) = self.slot.start(entry, Keep::Write(buf), false) {
                 if let Keep::Write(buf) = keep {
                     enc.put_buf(buf);
                 }
                 return Poll::Ready(Err(e));
             }
         }
-        let (res, keep) = ready!(self.poll_op(cx))?;
+        let (res, keep) = ready!(self.slot.poll(cx))?;
         if let Keep::Write(buf) = keep {
             enc.put_buf(buf);
         }
@@ -451,11 +590,11 @@ impl UringIo {
         Poll::Ready(Ok(res as usize))
     }
 
-    /// For `Drop` of a sender: if nothing is in flight, one plain write
-    /// attempt without blocking (the fd is in blocking mode, so this uses a
-    /// nonblocking flag for the call only when the pipe has room).
+    /// For `Drop` of a sender: if nothing is in flight, write what the pipe
+    /// takes without blocking (the fd is switched to nonblocking mode for
+    /// good; it is about to be closed).
     pub(crate) fn write_now(&mut self, enc: &mut Encoder) {
-        if self.op.is_some() || enc.pending().is_empty() {
+        if self.slot.op.is_some() || enc.pending().is_empty() {
             return;
         }
         let fd = self.fd.as_raw_fd();
@@ -470,29 +609,38 @@ impl UringIo {
             }
         }
     }
-
-    /// Gives the fd back; `None` while an operation is in flight.
-    #[allow(dead_code)]
-    pub(crate) fn into_fd(mut self) -> Result<OwnedFd, UringIo> {
-        if self.op.is_some() {
-            return Err(self);
-        }
-        // Take the fd out without running Drop (nothing is in flight).
-        let fd = self.fd.try_clone();
-        match fd {
-            Ok(fd) => {
-                self.op = None;
-                Ok(fd)
-            }
-            Err(_) => Err(self),
-        }
-    }
 }
 
-impl Drop for UringIo {
-    fn drop(&mut self) {
-        if let Some(op) = self.op.take() {
-            op.ring.lock().orphan(op.id, op.is_read);
+/// Waits for a child's exit with IORING_OP_WAITID on a pidfd (which also reaps it).
+#[derive(Default)]
+pub(crate) struct UringWait {
+    slot: OpSlot,
+}
+
+impl UringWait {
+    /// `(exited normally, code or signal)` once the process is gone.
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        pidfd: RawFd,
+    ) -> Poll<io::Result<(bool, i32)>> {
+        if self.slot.op.is_none() {
+            // SAFETY: a zeroed siginfo_t is a valid value for the kernel to fill.
+            let info = Box::new(SigInfo(unsafe { std::mem::zeroed() }));
+            let entry = opcode::WaitId::new(libc::P_PIDFD, pidfd as libc::id_t, libc::WEXITED)
+                .infop(&info.0 as *const libc::siginfo_t)
+                .build();
+            if let Err((e, _)) = self.slot.start(entry, Keep::SigInfo(info), true) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        let (res, keep) = ready!(self.slot.poll(cx))?;
+        if res < 0 {
+            return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+        }
+        match keep {
+            Keep::SigInfo(info) => Poll::Ready(Ok(sys::decode_siginfo(&info.0))),
+            _ => Poll::Ready(Err(io::Error::other("waitid completion without siginfo"))),
         }
     }
 }

@@ -37,3 +37,64 @@ macro_rules! both_backends {
         }
     };
 }
+
+/// A tiny libtest look-alike for `harness = false` test binaries, whose
+/// `main` must call `ringipc::init()` first so they can start children.
+/// Each test runs once per backend; an argument filters tests by substring.
+pub fn harness(tests: &[(&str, fn(Backend))]) {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let uring = ringipc::uring_probe();
+    let mut cases = Vec::new();
+    for &(name, f) in tests {
+        for backend in [Backend::Uring, Backend::Epoll] {
+            let full = format!("{}::{name}", backend.name());
+            if filter.as_deref().is_some_and(|f| !full.contains(f)) {
+                continue;
+            }
+            cases.push((full, backend, f));
+        }
+    }
+    println!("\nrunning {} tests", cases.len());
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let mut failures = Vec::new();
+    for (name, backend, f) in cases {
+        if backend == Backend::Uring
+            && let Err(why) = &uring
+        {
+            println!("test {name} ... SKIPPED: the kernel refuses io_uring here: {why}");
+            skipped += 1;
+            continue;
+        }
+        let start = std::time::Instant::now();
+        match std::panic::catch_unwind(|| f(backend)) {
+            Ok(()) => {
+                println!("test {name} ... ok ({:.2?})", start.elapsed());
+                passed += 1;
+            }
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failures.push(name);
+                failed += 1;
+            }
+        }
+    }
+    if !failures.is_empty() {
+        println!("\nfailures:\n    {}", failures.join("\n    "));
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {failed} failed; {skipped} ignored; 0 measured; 0 filtered out\n",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    if failed > 0 {
+        std::process::exit(101);
+    }
+}
+
+/// Runs `fut` on a fresh current-thread runtime.
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(fut)
+}

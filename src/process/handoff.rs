@@ -1,0 +1,237 @@
+//! Handing channel ends to a child process inside its rkyv-encoded arguments.
+//!
+//! A handle serializes to a [`HandoffState`]: the index of its fd in the list
+//! the child inherits, plus the stream state that must survive the move
+//! (whether the hello frame has passed, bytes read but not yet decoded, bytes
+//! encoded but not yet written). Serialization only works while
+//! [`collect_fds`] is running (inside `Process` start); deserialization only
+//! while [`with_inherited`] provides the child's inherited fds. Anywhere else
+//! (a handle inside a message on a channel, say) it is a typed error: pipes
+//! cannot carry file descriptors.
+
+use crate::backend::{Backend, Io};
+use crate::channel::{BytesReceiver, BytesSender, Receiver, RecvHalf, SendHalf, Sender};
+use crate::error::{Error, ErrorKind, Result};
+use crate::framing::{Decoder, Encoder};
+use rkyv::rancor::{Fallible, Source};
+use rkyv::ser::{Allocator, Writer};
+use rkyv::{Archive, Deserialize, Place, Serialize};
+use std::cell::RefCell;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+
+const ROLE_SEND: u8 = 1;
+const ROLE_RECV: u8 = 2;
+
+/// The archived form of a channel end passed to a child.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+#[rkyv(archived = ArchivedHandoffState)]
+pub struct HandoffState {
+    index: u32,
+    role: u8,
+    max_frame: u64,
+    started: bool,
+    bytes: Vec<u8>,
+}
+
+/// The resolver of a handed-over channel end (an rkyv detail).
+pub struct HandoffResolver {
+    state: HandoffState,
+    inner: HandoffStateResolver,
+}
+
+thread_local! {
+    static COLLECT: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
+    static INHERITED: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (which serializes a child's arguments) and returns the fds of
+/// every handle it serialized, in index order.
+pub(crate) fn collect_fds<T>(f: impl FnOnce() -> T) -> (T, Vec<RawFd>) {
+    COLLECT.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let fds = COLLECT.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (out, fds)
+}
+
+/// Runs `f` (which deserializes a child's arguments) with the inherited fds
+/// available by index.
+pub(crate) fn with_inherited<T>(fds: Vec<OwnedFd>, f: impl FnOnce() -> T) -> T {
+    INHERITED.with(|c| *c.borrow_mut() = Some(fds.into_iter().map(Some).collect()));
+    let out = f();
+    INHERITED.with(|c| c.borrow_mut().take());
+    out
+}
+
+fn register(fd: RawFd) -> Result<u32> {
+    COLLECT.with(|c| match c.borrow_mut().as_mut() {
+        Some(fds) => {
+            fds.push(fd);
+            Ok((fds.len() - 1) as u32)
+        }
+        None => Err(Error::new(
+            ErrorKind::Unsupported,
+            "channel handles can only be passed to a child process as start arguments",
+        )),
+    })
+}
+
+fn take_inherited(index: u32) -> Result<OwnedFd> {
+    INHERITED.with(|c| {
+        let mut c = c.borrow_mut();
+        let Some(fds) = c.as_mut() else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "channel handles can only be received as a child's start arguments",
+            ));
+        };
+        fds.get_mut(index as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Protocol,
+                    format!("inherited handle {index} missing or used twice"),
+                )
+            })
+    })
+}
+
+fn export_send(half: &SendHalf) -> Result<HandoffState> {
+    let index = register(half.io.raw_fd())?;
+    let settled = half
+        .io
+        .settle()
+        .map_err(|e| Error::io("hand over sender", e))?;
+    let bytes = match &settled {
+        Some((res, buf)) => half.enc.unsent(Some((buf, (*res).max(0) as usize))),
+        None => half.enc.unsent(None),
+    };
+    half.moved.store(true, Ordering::Relaxed);
+    Ok(HandoffState {
+        index,
+        role: ROLE_SEND,
+        max_frame: half_max_frame_send(half),
+        started: half.enc.started(),
+        bytes,
+    })
+}
+
+fn half_max_frame_send(half: &SendHalf) -> u64 {
+    half.enc.max_frame() as u64
+}
+
+fn export_recv(half: &RecvHalf) -> Result<HandoffState> {
+    let index = register(half.io.raw_fd())?;
+    let settled = half
+        .io
+        .settle()
+        .map_err(|e| Error::io("hand over receiver", e))?;
+    let bytes = match &settled {
+        // The read's buffer holds everything up to what the kernel wrote.
+        Some((_, buf)) => buf.get(half.dec.consumed()..).unwrap_or_default().to_vec(),
+        None => half.dec.unconsumed().to_vec(),
+    };
+    Ok(HandoffState {
+        index,
+        role: ROLE_RECV,
+        max_frame: half.dec.max_frame() as u64,
+        started: half.dec.started(),
+        bytes,
+    })
+}
+
+fn import(state: &ArchivedHandoffState, role: u8) -> Result<(Io, usize)> {
+    if state.role != role {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            "inherited handle has the wrong direction",
+        ));
+    }
+    let fd = take_inherited(state.index.to_native())?;
+    let io = Io::new(fd, Backend::Auto)?;
+    Ok((io, state.max_frame.to_native() as usize))
+}
+
+fn import_send(state: &ArchivedHandoffState) -> Result<SendHalf> {
+    let (io, max) = import(state, ROLE_SEND)?;
+    Ok(SendHalf::resumed(
+        io,
+        Encoder::resume(max, state.started, &state.bytes),
+    ))
+}
+
+fn import_recv(state: &ArchivedHandoffState) -> Result<RecvHalf> {
+    let (io, max) = import(state, ROLE_RECV)?;
+    Ok(RecvHalf::resumed(
+        io,
+        Decoder::resume(max, state.started, &state.bytes),
+    ))
+}
+
+macro_rules! handoff_impls {
+    ($ty:ty, [$($g:ident)?], $export:ident, $import:ident, $wrap:expr, $half:ident) => {
+        impl<$($g)?> Archive for $ty {
+            type Archived = ArchivedHandoffState;
+            type Resolver = HandoffResolver;
+
+            fn resolve(&self, resolver: HandoffResolver, out: Place<ArchivedHandoffState>) {
+                resolver.state.resolve(resolver.inner, out);
+            }
+        }
+
+        impl<$($g,)? S> Serialize<S> for $ty
+        where
+            S: Fallible + Writer + Allocator + ?Sized,
+            S::Error: Source,
+        {
+            fn serialize(&self, serializer: &mut S) -> Result<HandoffResolver, S::Error> {
+                let state = $export(&self.$half).map_err(S::Error::new)?;
+                let inner = state.serialize(serializer)?;
+                Ok(HandoffResolver { state, inner })
+            }
+        }
+
+        impl<$($g,)? D> Deserialize<$ty, D> for ArchivedHandoffState
+        where
+            D: Fallible + ?Sized,
+            D::Error: Source,
+        {
+            fn deserialize(&self, _: &mut D) -> Result<$ty, D::Error> {
+                $import(self).map($wrap).map_err(D::Error::new)
+            }
+        }
+    };
+}
+
+handoff_impls!(
+    Sender<T>,
+    [T],
+    export_send,
+    import_send,
+    Sender::from_half,
+    half
+);
+handoff_impls!(
+    Receiver<T>,
+    [T],
+    export_recv,
+    import_recv,
+    Receiver::from_half,
+    half
+);
+handoff_impls!(
+    BytesSender,
+    [],
+    export_send,
+    import_send,
+    |half| BytesSender { half },
+    half
+);
+handoff_impls!(
+    BytesReceiver,
+    [],
+    export_recv,
+    import_recv,
+    |half| BytesReceiver { half },
+    half
+);

@@ -1,0 +1,852 @@
+//! Child processes that run a Rust function: start, pass channel handles,
+//! pin, watch, join.
+//!
+//! Children are started by re-executing the current binary
+//! (`/proc/self/exe`), never by `fork()`ing the running program: the child
+//! takes over at [`init`](crate::init), runs the entry function on a fresh
+//! tokio runtime, sends its return value (or panic message) back on a
+//! private pipe and exits. Exit is observed without SIGCHLD handlers:
+//! `IORING_OP_WAITID` on the uring backend where the kernel has it, a pidfd
+//! on tokio's reactor otherwise.
+
+mod child;
+pub(crate) mod handoff;
+mod spawner;
+mod spec;
+
+pub use child::{EXIT_PANIC, EXIT_START_FAILED, init};
+pub use handoff::{ArchivedHandoffState, HandoffResolver, HandoffState};
+
+use crate::backend::epoll::EpollWait;
+use crate::backend::uring::{UringWait, waitid_supported};
+use crate::backend::{self, Backend};
+use crate::channel::{BytesReceiver, ChannelConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Decode, Encode, Message, encode_into};
+use crate::sys;
+use rkyv::api::high::HighDeserializer;
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use spec::{CHILD_ENV, Outcome, Spec};
+use std::ffi::OsString;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+/// Which CPUs a child (or an engine thread) may run on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Affinity {
+    /// Wherever the process may run (no pinning).
+    #[default]
+    Any,
+    /// Exactly this core.
+    Core(usize),
+    /// Any of these cores.
+    Set(Vec<usize>),
+}
+
+impl Affinity {
+    /// The cores named, checked against the cores this process may use; an
+    /// unknown core is an error, never a silent no-op.
+    pub(crate) fn checked_cores(&self) -> Result<Option<Vec<usize>>> {
+        let want = match self {
+            Affinity::Any => return Ok(None),
+            Affinity::Core(c) => vec![*c],
+            Affinity::Set(s) => s.clone(),
+        };
+        let allowed = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
+        if want.is_empty() {
+            return Err(Error::new(ErrorKind::Spawn, "empty core set"));
+        }
+        if let Some(bad) = want.iter().find(|c| !allowed.contains(c)) {
+            return Err(Error::new(
+                ErrorKind::Spawn,
+                format!(
+                    "core {bad} does not exist or is not available to this process (available: {allowed:?})"
+                ),
+            ));
+        }
+        Ok(Some(want))
+    }
+}
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The exit code, if it exited.
+    pub fn code(self) -> Option<i32> {
+        match self {
+            ExitStatus::Code(c) => Some(c),
+            ExitStatus::Signal(_) => None,
+        }
+    }
+
+    /// The terminating signal, if it was killed.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            ExitStatus::Signal(s) => Some(s),
+            ExitStatus::Code(_) => None,
+        }
+    }
+
+    /// Exit code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    fn from_wait((exited, value): (bool, i32)) -> ExitStatus {
+        if exited {
+            ExitStatus::Code(value)
+        } else {
+            ExitStatus::Signal(value)
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "signal {s}"),
+        }
+    }
+}
+
+/// What dropping an unjoined [`Process`] does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnDrop {
+    /// SIGKILL the child and reap it (the default: nothing outlives its handle).
+    #[default]
+    Kill,
+    /// Let it run; a background thread reaps it when it exits, so it never
+    /// lingers as a zombie.
+    Detach,
+}
+
+/// The monomorphised function a child runs: it decodes the arguments, calls
+/// the entry (whose address it is given) and encodes the outcome.
+pub(crate) type Trampoline = fn(usize, &[u8]) -> Outcome;
+
+fn child_runtime() -> std::result::Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build the child's runtime: {e}"))
+}
+
+fn decode_args<A>(args: &[u8]) -> std::result::Result<A, String>
+where
+    A: Decode,
+    A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
+{
+    let archived = rkyv::access::<A::Archived, rancor::Error>(args)
+        .map_err(|e| format!("invalid arguments: {e}"))?;
+    rkyv::deserialize::<A, rancor::Error>(archived)
+        .map_err(|e| format!("cannot decode arguments: {e}"))
+}
+
+fn encode_value<R: Encode>(value: &R) -> Outcome {
+    let mut v = Vec::new();
+    match encode_into(value, &mut v) {
+        Ok(()) => {
+            let mut a = AlignedVec::with_capacity(v.len());
+            a.extend_from_slice(&v);
+            Outcome::Value(a)
+        }
+        Err(e) => Outcome::Failed(format!("cannot encode the return value: {e}")),
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    match p.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => match p.downcast::<&'static str>() {
+            Ok(s) => s.to_string(),
+            Err(_) => "panic with a non-string payload".into(),
+        },
+    }
+}
+
+fn trampoline_sync<A, R>(entry: usize, args: &[u8]) -> Outcome
+where
+    A: Decode,
+    A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
+    R: Encode,
+{
+    // SAFETY: `entry` was computed from a `fn(A) -> R` in the parent (the
+    // builder stores it next to this trampoline, instantiated for the same
+    // A and R) and resolved in the same binary.
+    let f = unsafe { std::mem::transmute::<usize, fn(A) -> R>(entry) };
+    let rt = match child_runtime() {
+        Ok(rt) => rt,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let _guard = rt.enter();
+    let args = match decode_args::<A>(args) {
+        Ok(a) => a,
+        Err(e) => return Outcome::Failed(e),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(args))) {
+        Ok(r) => encode_value(&r),
+        Err(p) => Outcome::Panic(panic_message(p)),
+    }
+}
+
+fn trampoline_async<A, R, F>(entry: usize, args: &[u8]) -> Outcome
+where
+    A: Decode,
+    A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
+    R: Encode,
+    F: Future<Output = R>,
+{
+    // SAFETY: as in `trampoline_sync`, for a `fn(A) -> F`.
+    let f = unsafe { std::mem::transmute::<usize, fn(A) -> F>(entry) };
+    let rt = match child_runtime() {
+        Ok(rt) => rt,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let args = {
+        let _guard = rt.enter();
+        match decode_args::<A>(args) {
+            Ok(a) => a,
+            Err(e) => return Outcome::Failed(e),
+        }
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(f(args)))) {
+        Ok(r) => encode_value(&r),
+        Err(p) => Outcome::Panic(panic_message(p)),
+    }
+}
+
+/// Options for starting a child; made by [`Process::builder`] or
+/// [`Process::builder_async`].
+#[must_use]
+pub struct ProcessBuilder<A, R> {
+    trampoline: Trampoline,
+    entry: usize,
+    args: Option<A>,
+    name: Option<String>,
+    affinity: Affinity,
+    envs: Vec<(OsString, Option<OsString>)>,
+    cwd: Option<PathBuf>,
+    die_with_parent: bool,
+    stdin: Option<Stdio>,
+    stdout: Option<Stdio>,
+    stderr: Option<Stdio>,
+    backend: Backend,
+    on_drop: OnDrop,
+    _r: PhantomData<fn() -> R>,
+}
+
+impl<A, R> ProcessBuilder<A, R> {
+    fn new(trampoline: Trampoline, entry: usize) -> Self {
+        ProcessBuilder {
+            trampoline,
+            entry,
+            args: None,
+            name: None,
+            affinity: Affinity::Any,
+            envs: Vec::new(),
+            cwd: None,
+            die_with_parent: true,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            backend: Backend::Auto,
+            on_drop: OnDrop::Kill,
+            _r: PhantomData,
+        }
+    }
+
+    /// The entry's argument. Channel handles inside it (at any depth) move
+    /// to the child; their fds are the only ones the child inherits.
+    pub fn arg(mut self, args: A) -> Self {
+        self.args = Some(args);
+        self
+    }
+
+    /// A name shown by `ps` (as `comm` and `argv[0]`) and used in errors.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Pins the child (before its entry runs).
+    pub fn pin(mut self, affinity: Affinity) -> Self {
+        self.affinity = affinity;
+        self
+    }
+
+    /// Sets an environment variable for the child.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Removes an environment variable for the child.
+    pub fn env_remove(mut self, key: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), None));
+        self
+    }
+
+    /// The child's working directory.
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Whether the child is SIGKILLed when this process dies (default: yes).
+    /// Children are started from a dedicated long-lived thread, so this
+    /// follows the process, not the thread that called `start`.
+    pub fn die_with_parent(mut self, yes: bool) -> Self {
+        self.die_with_parent = yes;
+        self
+    }
+
+    /// The child's stdin (default: inherited).
+    pub fn stdin(mut self, cfg: impl Into<Stdio>) -> Self {
+        self.stdin = Some(cfg.into());
+        self
+    }
+
+    /// The child's stdout (default: inherited).
+    pub fn stdout(mut self, cfg: impl Into<Stdio>) -> Self {
+        self.stdout = Some(cfg.into());
+        self
+    }
+
+    /// The child's stderr (default: inherited).
+    pub fn stderr(mut self, cfg: impl Into<Stdio>) -> Self {
+        self.stderr = Some(cfg.into());
+        self
+    }
+
+    /// The backend of the child (its process default, like
+    /// `RINGIPC_BACKEND`) and of this side's watch on it.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// What dropping the [`Process`] without joining does.
+    pub fn on_drop(mut self, on_drop: OnDrop) -> Self {
+        self.on_drop = on_drop;
+        self
+    }
+}
+
+impl<A: Encode, R> ProcessBuilder<A, R> {
+    /// Starts the child. Blocks for the fork and exec (about a millisecond),
+    /// not for the child's work.
+    ///
+    /// Fails with [`ErrorKind::Spawn`] (missing binary, unknown core, exec
+    /// error, a handle that cannot be handed over) and leaks nothing: handles
+    /// in the arguments are closed, no process is left behind.
+    pub fn start(self) -> Result<Process<R>> {
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| "ringipc-child".to_string());
+        let spawn_err = |what: &str| Error::new(ErrorKind::Spawn, format!("start {name}: {what}"));
+        if !child::INIT_CALLED.load(Ordering::SeqCst) && std::env::var_os(CHILD_ENV).is_some() {
+            return Err(spawn_err(
+                "this process is a ringipc child that never called ringipc::init(); call it first in main",
+            ));
+        }
+        let cpus = self
+            .affinity
+            .checked_cores()
+            .map_err(|e| spawn_err(e.context()))?;
+        let backend = self
+            .backend
+            .resolve()
+            .map_err(|e| spawn_err("backend").with_source(e))?;
+        let args = self
+            .args
+            .ok_or_else(|| spawn_err("no argument given (call .arg(..))"))?;
+
+        let (encoded, fds) = handoff::collect_fds(|| {
+            let mut v = Vec::new();
+            encode_into(&args, &mut v).map(|()| v)
+        });
+        let args_bytes =
+            encoded.map_err(|e| spawn_err("cannot encode the arguments").with_source(e))?;
+        let (ctl_r, ctl_w) = sys::pipe().map_err(|e| spawn_err("pipe").with_source(e))?;
+        // SAFETY: getpid has no preconditions.
+        let parent_pid = unsafe { libc::getpid() };
+        let spec = Spec {
+            anchor_check: Spec::anchor_check(),
+            trampoline: Spec::offset(self.trampoline as usize),
+            entry: Spec::offset(self.entry),
+            args: args_bytes,
+            fds: fds.clone(),
+            control_fd: ctl_w.as_raw_fd(),
+            parent_pid,
+            die_with_parent: self.die_with_parent,
+            name: name.clone(),
+        };
+        let spec_bytes = rkyv::to_bytes::<rancor::Error>(&spec)
+            .map_err(|e| spawn_err("cannot encode the start spec").with_source(e))?;
+        let memfd: OwnedFd = sys::memfd_with(c"ringipc-spec", &spec_bytes)
+            .map_err(|e| spawn_err("memfd_create").with_source(e))?;
+
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0(&name)
+            .env(CHILD_ENV, memfd.as_raw_fd().to_string());
+        if self.backend != Backend::Auto {
+            cmd.env("RINGIPC_BACKEND", backend.name());
+        }
+        for (k, v) in &self.envs {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        if let Some(s) = self.stdin {
+            cmd.stdin(s);
+        }
+        if let Some(s) = self.stdout {
+            cmd.stdout(s);
+        }
+        if let Some(s) = self.stderr {
+            cmd.stderr(s);
+        }
+        let mut inherit: Vec<RawFd> = vec![memfd.as_raw_fd(), ctl_w.as_raw_fd()];
+        inherit.extend_from_slice(&fds);
+        let cpu_set = cpus.as_deref().map(sys::cpu_set);
+        let die = self.die_with_parent;
+        // SAFETY: the closure runs between fork and exec and only makes
+        // async-signal-safe system calls (fcntl, sched_setaffinity, prctl,
+        // getppid) on data prepared before the fork; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &inherit {
+                    // Clear close-on-exec in this forked copy only: the
+                    // parent's fds stay CLOEXEC, so concurrent spawns of other
+                    // children never inherit them.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(set) = &cpu_set
+                    && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if die {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::getppid() != parent_pid {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = spawner::launch(cmd).map_err(|e| spawn_err("exec").with_source(e))?;
+        // The child holds its copies now; the parent's go (handles in `args`
+        // were marked as moved when they were encoded).
+        drop(args);
+        drop(ctl_w);
+        drop(memfd);
+        let pid = child.id() as libc::pid_t;
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(spawn_err("pidfd_open").with_source(e));
+            }
+        };
+        let control = ChannelConfig::new()
+            .backend(backend)
+            .max_frame_size(usize::MAX)
+            .bytes_receiver(ctl_r)
+            .map_err(|e| spawn_err("control pipe").with_source(e))?;
+        let waiter = if backend == Backend::Uring && waitid_supported() {
+            Waiter::Uring(UringWait::default())
+        } else {
+            Waiter::Epoll(EpollWait::default())
+        };
+        tracing::debug!(pid, name = %name, "started child");
+        Ok(Process {
+            waiter,
+            pidfd,
+            pid,
+            name,
+            control: Some(control),
+            outcome: None,
+            status: None,
+            on_drop: self.on_drop,
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            _r: PhantomData,
+        })
+    }
+}
+
+enum Waiter {
+    Uring(UringWait),
+    Epoll(EpollWait),
+}
+
+/// A running (or finished) child process; see the [module docs](self).
+///
+/// Dropping it without joining kills and reaps the child (see [`OnDrop`]).
+pub struct Process<R = ()> {
+    /// Declared before `pidfd`: it refers to the pidfd and must go first.
+    waiter: Waiter,
+    pidfd: OwnedFd,
+    pid: libc::pid_t,
+    name: String,
+    control: Option<BytesReceiver>,
+    outcome: Option<Outcome>,
+    status: Option<ExitStatus>,
+    on_drop: OnDrop,
+    stdin: Option<ChildStdin>,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    _r: PhantomData<fn() -> R>,
+}
+
+impl Process<()> {
+    /// A builder for a child running the synchronous `entry`. Inside the
+    /// entry a tokio runtime is entered, so `Handle::current().block_on(..)`
+    /// works for channel I/O.
+    pub fn builder<A, R>(entry: fn(A) -> R) -> ProcessBuilder<A, R>
+    where
+        A: Decode,
+        A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
+        R: Encode,
+    {
+        ProcessBuilder::new(trampoline_sync::<A, R>, entry as usize)
+    }
+
+    /// A builder for a child running the `async` function `entry` on a
+    /// current-thread tokio runtime.
+    pub fn builder_async<A, R, F>(entry: fn(A) -> F) -> ProcessBuilder<A, R>
+    where
+        A: Decode,
+        A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
+        R: Encode,
+        F: Future<Output = R>,
+    {
+        ProcessBuilder::new(trampoline_async::<A, R, F>, entry as usize)
+    }
+}
+
+impl<R> Process<R> {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// The name given at start.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn ctx(&self, op: &str) -> String {
+        format!("{op} {} (pid {})", self.name, self.pid)
+    }
+
+    /// Waits for the child to exit and reaps it. Cancellation-safe: dropping
+    /// the future loses nothing, and a later `join` picks up where it was.
+    pub async fn join(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        if let Some(control) = &mut self.control {
+            // The control pipe carries the entry's outcome and reaches EOF
+            // when the child is gone (nothing else holds its write end).
+            loop {
+                match control.recv().await {
+                    Ok(payload) => self.outcome = Some(Outcome::decode(payload)),
+                    Err(_) => break,
+                }
+            }
+            self.control = None;
+        }
+        let status = poll_fn(|cx| self.poll_exit(cx)).await?;
+        Ok(status)
+    }
+
+    /// [`Process::join`] with a deadline: [`ErrorKind::TimedOut`] leaves the
+    /// child running and the handle usable.
+    pub async fn join_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        match tokio::time::timeout(timeout, self.join()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(ErrorKind::TimedOut, self.ctx("join"))),
+        }
+    }
+
+    fn poll_exit(&mut self, cx: &mut Context<'_>) -> Poll<Result<ExitStatus>> {
+        if let Some(s) = self.status {
+            return Poll::Ready(Ok(s));
+        }
+        let pidfd = self.pidfd.as_raw_fd();
+        let r = match &mut self.waiter {
+            Waiter::Uring(w) => ready!(w.poll(cx, pidfd)),
+            Waiter::Epoll(w) => {
+                if let Err(e) = ready!(w.poll_exited(cx, pidfd)) {
+                    return Poll::Ready(Err(Error::io(self.ctx("join"), e)));
+                }
+                // Readable pidfd: the child has exited, so this does not block.
+                sys::waitid_pidfd(pidfd, false)
+                    .map(|s| s.expect("blocking waitid returns a status"))
+            }
+        };
+        match r {
+            Ok(s) => {
+                let status = ExitStatus::from_wait(s);
+                self.status = Some(status);
+                tracing::debug!(pid = self.pid, %status, "child exited");
+                Poll::Ready(Ok(status))
+            }
+            Err(e) => Poll::Ready(Err(Error::io(self.ctx("join"), e))),
+        }
+    }
+
+    /// The exit status if the child has exited (reaping it), else `None`.
+    /// Never blocks.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none()
+            && let Ok(Some(s)) = sys::waitid_pidfd(self.pidfd.as_raw_fd(), true)
+        {
+            self.status = Some(ExitStatus::from_wait(s));
+        }
+        self.status
+    }
+
+    /// Whether the child is still running.
+    pub fn is_alive(&mut self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    fn signal(&self, sig: libc::c_int, op: &str) -> Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        match sys::pidfd_send_signal(self.pidfd.as_raw_fd(), sig) {
+            Ok(()) => Ok(()),
+            // Exited but not yet reaped: nothing to signal.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            Err(e) => Err(Error::io(self.ctx(op), e)),
+        }
+    }
+
+    /// Sends SIGTERM. A child that already exited is not an error.
+    pub fn terminate(&self) -> Result<()> {
+        self.signal(libc::SIGTERM, "terminate")
+    }
+
+    /// Sends SIGKILL. A child that already exited is not an error.
+    pub fn kill(&self) -> Result<()> {
+        self.signal(libc::SIGKILL, "kill")
+    }
+
+    /// The child's stdin, if it was set to [`Stdio::piped`].
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.stdin.take()
+    }
+
+    /// The child's stdout, if it was set to [`Stdio::piped`].
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.stdout.take()
+    }
+
+    /// The child's stderr, if it was set to [`Stdio::piped`].
+    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+        self.stderr.take()
+    }
+
+    fn outcome_error(&self) -> Error {
+        match (&self.outcome, self.status) {
+            (Some(Outcome::Panic(msg)), _) => Error::new(
+                ErrorKind::Panicked,
+                format!("{} panicked: {msg}", self.ctx("child")),
+            ),
+            (Some(Outcome::Failed(msg)), _) => Error::new(
+                ErrorKind::Spawn,
+                format!("{} could not run its entry: {msg}", self.ctx("child")),
+            ),
+            (_, Some(status)) => Error::new(
+                ErrorKind::Exited,
+                format!("{} ended with {status} before returning", self.ctx("child")),
+            ),
+            (_, None) => Error::new(
+                ErrorKind::Exited,
+                format!("{}: not joined yet", self.ctx("result")),
+            ),
+        }
+    }
+}
+
+impl<R: Decode> Process<R> {
+    /// The entry's return value, in place (validated), after [`Process::join`].
+    ///
+    /// A panic in the child is [`ErrorKind::Panicked`] with its message; a
+    /// child that exited or was killed before returning is [`ErrorKind::Exited`].
+    pub fn result(&self) -> Result<Message<'_, R>> {
+        match &self.outcome {
+            Some(Outcome::Value(bytes)) => Message::validate(bytes),
+            _ => Err(self.outcome_error()),
+        }
+    }
+
+    /// Joins, then deserializes the entry's return value.
+    pub async fn join_value(&mut self) -> Result<R>
+    where
+        R::Archived: rkyv::Deserialize<R, HighDeserializer<rancor::Error>>,
+    {
+        self.join().await?;
+        self.result()?.deserialize()
+    }
+}
+
+impl<R> fmt::Debug for Process<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Process")
+            .field("name", &self.name)
+            .field("pid", &self.pid)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+impl<R> Drop for Process<R> {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        // Stop an in-flight uring waitid first, so it cannot race the reap below.
+        self.waiter = Waiter::Epoll(EpollWait::default());
+        match self.on_drop {
+            OnDrop::Kill => {
+                let _ = sys::pidfd_send_signal(self.pidfd.as_raw_fd(), libc::SIGKILL);
+                // SIGKILL cannot be caught, so this wait is short.
+                let _ = sys::waitid_pidfd(self.pidfd.as_raw_fd(), false);
+            }
+            OnDrop::Detach => {
+                let pidfd = match self.pidfd.try_clone() {
+                    Ok(fd) => fd,
+                    Err(_) => return,
+                };
+                let _ = std::thread::Builder::new()
+                    .name("ringipc-reaper".into())
+                    .spawn(move || {
+                        let _ = sys::waitid_pidfd(pidfd.as_raw_fd(), false);
+                    });
+            }
+        }
+    }
+}
+
+/// Joins every child, concurrently; results in the same order.
+pub async fn join_all<R>(procs: &mut [Process<R>]) -> Vec<Result<ExitStatus>> {
+    let mut futs: Vec<_> = procs.iter_mut().map(|p| Some(Box::pin(p.join()))).collect();
+    let mut out: Vec<Option<Result<ExitStatus>>> = (0..futs.len()).map(|_| None).collect();
+    poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if let Some(fut) = f {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(r) => {
+                        out[i] = Some(r);
+                        *f = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|r| r.expect("every join finished"))
+        .collect()
+}
+
+/// Waits until any one child exits; returns its index and status. The
+/// others keep running and can be joined later.
+pub async fn join_any<R>(procs: &mut [Process<R>]) -> Option<(usize, Result<ExitStatus>)> {
+    if procs.is_empty() {
+        return None;
+    }
+    let mut futs: Vec<_> = procs.iter_mut().map(|p| Box::pin(p.join())).collect();
+    Some(
+        poll_fn(|cx| {
+            for (i, f) in futs.iter_mut().enumerate() {
+                if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                    return Poll::Ready((i, r));
+                }
+            }
+            Poll::Pending
+        })
+        .await,
+    )
+}
+
+/// Starts a child running the synchronous `entry(args)` with default options.
+pub fn spawn<A, R>(entry: fn(A) -> R, args: A) -> Result<Process<R>>
+where
+    A: Encode + Decode,
+    A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
+    R: Encode,
+{
+    Process::builder(entry).arg(args).start()
+}
+
+/// Starts a child running the `async` `entry(args)` with default options.
+///
+/// ```no_run
+/// #[tokio::main(flavor = "current_thread")]
+/// async fn main() -> ringipc::Result<()> {
+///     ringipc::init();
+///     async fn square(x: u64) -> u64 { x * x }
+///     let mut child = ringipc::spawn_async(square, 12)?;
+///     assert_eq!(child.join_value().await?, 144);
+///     Ok(())
+/// }
+/// ```
+pub fn spawn_async<A, R, F>(entry: fn(A) -> F, args: A) -> Result<Process<R>>
+where
+    A: Encode + Decode,
+    A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
+    R: Encode,
+    F: Future<Output = R>,
+{
+    Process::builder_async(entry).arg(args).start()
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Process<u32>>();
+    let _ = backend::process_default;
+}

@@ -1,0 +1,93 @@
+//! What a parent tells its child at start: which function to run, its
+//! arguments, and which inherited fds are which. Sent through a memfd.
+
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Serialize};
+
+/// Environment variable naming the fd that holds a child's start spec.
+pub(crate) const CHILD_ENV: &str = "RINGIPC_CHILD";
+
+#[derive(Archive, Serialize)]
+pub(crate) struct Spec {
+    /// Offset of a second function from the anchor, to catch a binary whose
+    /// layout differs from the parent's.
+    pub anchor_check: i64,
+    /// Offset of the monomorphised trampoline from the anchor.
+    pub trampoline: i64,
+    /// Offset of the user's entry function from the anchor.
+    pub entry: i64,
+    /// The arguments, as an rkyv archive.
+    pub args: Vec<u8>,
+    /// Inherited handle fds, by handle index.
+    pub fds: Vec<i32>,
+    pub control_fd: i32,
+    pub parent_pid: i32,
+    pub die_with_parent: bool,
+    pub name: String,
+}
+
+fn anchor() -> usize {
+    crate::init as fn() as usize
+}
+
+impl Spec {
+    /// Code addresses travel as offsets from `ringipc::init`: the child is
+    /// the same executable, so offsets agree even though ASLR moves the base.
+    pub fn offset(addr: usize) -> i64 {
+        addr.wrapping_sub(anchor()) as i64
+    }
+
+    pub fn resolve(offset: i64) -> usize {
+        anchor().wrapping_add(offset as usize)
+    }
+
+    pub fn anchor_check() -> i64 {
+        Spec::offset(super::child::init_marker as fn() as usize)
+    }
+}
+
+/// How a child's entry ended, sent back on the control pipe.
+pub(crate) enum Outcome {
+    /// The entry returned; its value as an rkyv archive.
+    Value(AlignedVec<16>),
+    /// The entry panicked, with this message.
+    Panic(String),
+    /// The entry could not be run (its arguments did not decode, say).
+    Failed(String),
+}
+
+const TAG_VALUE: u8 = 0;
+const TAG_PANIC: u8 = 1;
+const TAG_FAILED: u8 = 2;
+/// The tag takes 16 bytes so the value archive stays 16-byte aligned.
+const TAG_LEN: usize = 16;
+
+impl Outcome {
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        let (tag, data): (u8, &[u8]) = match self {
+            Outcome::Value(v) => (TAG_VALUE, v),
+            Outcome::Panic(m) => (TAG_PANIC, m.as_bytes()),
+            Outcome::Failed(m) => (TAG_FAILED, m.as_bytes()),
+        };
+        buf.push(tag);
+        buf.extend_from_slice(&[0u8; TAG_LEN - 1]);
+        buf.extend_from_slice(data);
+    }
+
+    pub fn decode(payload: &[u8]) -> Outcome {
+        if payload.len() < TAG_LEN {
+            return Outcome::Failed("malformed outcome from child".into());
+        }
+        let data = &payload[TAG_LEN..];
+        match payload[0] {
+            TAG_VALUE => {
+                let mut v = AlignedVec::with_capacity(data.len());
+                v.extend_from_slice(data);
+                Outcome::Value(v)
+            }
+            TAG_PANIC => Outcome::Panic(String::from_utf8_lossy(data).into_owned()),
+            TAG_FAILED => Outcome::Failed(String::from_utf8_lossy(data).into_owned()),
+            _ => Outcome::Failed("malformed outcome from child".into()),
+        }
+    }
+}
