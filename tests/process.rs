@@ -185,6 +185,18 @@ async fn spawn_sleeper_and_report(mut report: Sender<u32>) {
     tokio::time::sleep(Duration::from_secs(60)).await;
 }
 
+async fn stream_forever(mut tx: Sender<Vec<u8>>) {
+    let chunk = vec![5u8; 100_000];
+    loop {
+        tx.send(&chunk).await.unwrap();
+    }
+}
+
+async fn recv_forever(mut rx: Receiver<Vec<u8>>) {
+    while rx.recv().await.is_ok() {}
+    tokio::time::sleep(Duration::from_secs(60)).await;
+}
+
 async fn recv_rest(mut rx: Receiver<u32>) -> Vec<u32> {
     let mut v = Vec::new();
     while let Ok(m) = rx.recv().await {
@@ -715,6 +727,44 @@ fn buffered_receiver_handed_over(b: Backend) {
     });
 }
 
+fn child_killed_mid_stream(b: Backend) {
+    common::block_on(async {
+        let (tx, mut rx) = cfg(b).pipe::<Vec<u8>>().unwrap();
+        let mut p = Process::builder_async(stream_forever)
+            .arg(tx)
+            .backend(b)
+            .start()
+            .unwrap();
+        for _ in 0..5 {
+            assert_eq!(rx.recv().await.unwrap().len(), 100_000);
+        }
+        p.kill().unwrap();
+        assert_eq!(p.join().await.unwrap(), ExitStatus::Signal(libc::SIGKILL));
+        let e = loop {
+            match rx.recv_timeout(Duration::from_secs(10)).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(e.kind(), ErrorKind::Closed | ErrorKind::Truncated),
+            "{e}"
+        );
+
+        let (mut tx, rx) = cfg(b).pipe::<Vec<u8>>().unwrap();
+        let mut p = Process::builder_async(recv_forever)
+            .arg(rx)
+            .backend(b)
+            .start()
+            .unwrap();
+        tx.send(&vec![1u8; 10]).await.unwrap();
+        p.kill().unwrap();
+        assert_eq!(p.join().await.unwrap().signal(), Some(libc::SIGKILL));
+        let e = tx.send(&vec![1u8; 10]).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -754,5 +804,6 @@ fn main() {
             "buffered_receiver_handed_over",
             buffered_receiver_handed_over,
         ),
+        ("child_killed_mid_stream", child_killed_mid_stream),
     ]);
 }
