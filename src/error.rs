@@ -36,6 +36,13 @@ pub enum ErrorKind {
     /// A child ended without returning a value (it exited early or was
     /// killed); the status is in the error.
     Exited,
+    /// A pool worker died (panic outside a job, SIGKILL, OOM) while it held
+    /// the job; the error names the worker and the cause. The job was not
+    /// retried: it may or may not have run.
+    WorkerDied,
+    /// A non-waiting operation found no capacity (`Pool::try_call` on a
+    /// saturated pool).
+    Busy,
     /// The requested feature or backend is not available on this system.
     Unsupported,
     /// An operating-system error; [`std::error::Error::source`] holds the `io::Error`.
@@ -55,6 +62,8 @@ impl ErrorKind {
             ErrorKind::Spawn => "spawn failed",
             ErrorKind::Panicked => "child panicked",
             ErrorKind::Exited => "child ended without a result",
+            ErrorKind::WorkerDied => "pool worker died",
+            ErrorKind::Busy => "busy",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Io => "I/O error",
         }

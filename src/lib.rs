@@ -19,9 +19,11 @@
 
 mod backend;
 mod channel;
+mod engine;
 mod error;
 pub mod framing;
 mod message;
+mod pool;
 mod process;
 mod sys;
 
@@ -29,8 +31,10 @@ pub use backend::{Backend, process_default as default_backend, uring_probe};
 pub use channel::{
     BytesReceiver, BytesSender, ChannelConfig, Duplex, Receiver, Sender, bytes_pipe, duplex, pipe,
 };
+pub use engine::{Engine, EngineBuilder};
 pub use error::{Error, ErrorKind, Result};
-pub use message::{Decode, Encode, Message};
+pub use message::{Decode, Encode, Message, OwnedMessage};
+pub use pool::{MapResults, Pool, PoolBuilder, WorkerStats};
 pub use process::{
     Affinity, ArchivedHandoffState, EXIT_PANIC, EXIT_START_FAILED, ExitStatus, HandoffResolver,
     HandoffState, OnDrop, Process, ProcessBuilder, init, join_all, join_any, spawn, spawn_async,

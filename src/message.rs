@@ -6,8 +6,10 @@ use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
 use rkyv::ser::allocator::ArenaHandle;
+use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Portable, Serialize};
 use std::fmt;
+use std::marker::PhantomData;
 use std::ops::Deref;
 
 /// Types that can be sent: anything `#[derive(rkyv::Archive, rkyv::Serialize)]`.
@@ -119,6 +121,72 @@ impl<T: Archive> Deref for Message<'_, T> {
 impl<T: Archive> fmt::Debug for Message<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
+            .field("type", &std::any::type_name::<T>())
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// A validated message that owns its bytes (a [`Message`] that can be kept,
+/// moved to another task or thread, and outlive the channel it came from).
+///
+/// ```
+/// use ringipc::{OwnedMessage, rkyv};
+/// let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&"owned".to_string()).unwrap();
+/// let msg = OwnedMessage::<String>::new(bytes)?;
+/// assert_eq!(msg.as_str(), "owned");
+/// # Ok::<(), ringipc::Error>(())
+/// ```
+pub struct OwnedMessage<T: Archive> {
+    bytes: AlignedVec<16>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Decode> OwnedMessage<T> {
+    /// Validates `bytes` as an archived `T`.
+    pub fn new(bytes: AlignedVec<16>) -> Result<OwnedMessage<T>> {
+        Message::<T>::validate(&bytes)?;
+        Ok(OwnedMessage {
+            bytes,
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<T: Archive> OwnedMessage<T> {
+    /// The archived value, in place.
+    pub fn archived(&self) -> &T::Archived {
+        // SAFETY: `bytes` was validated as an archived `T` in `new` and is
+        // never mutated afterwards; AlignedVec keeps it 16-byte aligned.
+        unsafe { rkyv::access_unchecked::<T::Archived>(&self.bytes) }
+    }
+
+    /// The raw archive bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Deserializes into an owned `T`.
+    pub fn deserialize(&self) -> Result<T>
+    where
+        T::Archived: Deserialize<T, HighDeserializer<rancor::Error>>,
+    {
+        rkyv::deserialize::<T, rancor::Error>(self.archived())
+            .map_err(|e| Error::new(ErrorKind::InvalidMessage, "deserialize").with_source(e))
+    }
+}
+
+impl<T: Archive> Deref for OwnedMessage<T> {
+    type Target = T::Archived;
+
+    fn deref(&self) -> &T::Archived {
+        self.archived()
+    }
+}
+
+impl<T: Archive> fmt::Debug for OwnedMessage<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedMessage")
             .field("type", &std::any::type_name::<T>())
             .field("len", &self.bytes.len())
             .finish()

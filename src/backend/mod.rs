@@ -34,7 +34,8 @@ use std::task::{Context, Poll};
 #[non_exhaustive]
 pub enum Backend {
     /// The process default: `RINGIPC_BACKEND` if set, else io_uring when the
-    /// probe finds every opcode ringipc submits, else epoll.
+    /// probe finds every opcode ringipc submits, else epoll. On an engine
+    /// thread, the engine's backend.
     #[default]
     Auto,
     /// io_uring. Requesting it where it is unusable is an error, never a
@@ -49,7 +50,10 @@ impl Backend {
     /// The result is always `Uring` or `Epoll`.
     pub fn resolve(self) -> Result<Backend> {
         match self {
-            Backend::Auto => process_default(),
+            Backend::Auto => match THREAD_DEFAULT.with(|d| d.get()) {
+                Some(b) => Ok(b),
+                None => process_default(),
+            },
             Backend::Uring => match uring_probe() {
                 Ok(()) => Ok(Backend::Uring),
                 Err(why) => Err(Error::new(
@@ -88,6 +92,16 @@ impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+thread_local! {
+    /// An engine thread's backend, which `Auto` means on that thread.
+    static THREAD_DEFAULT: std::cell::Cell<Option<Backend>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes `Auto` mean `backend` (already resolved) on this thread.
+pub(crate) fn set_thread_default(backend: Backend) {
+    THREAD_DEFAULT.with(|d| d.set(Some(backend)));
 }
 
 /// Why io_uring is unusable here, if it is. Probed once per process.

@@ -161,6 +161,13 @@ impl Wake for RingWaker {
 
 thread_local! {
     static RING: RefCell<Option<Arc<Ring>>> = const { RefCell::new(None) };
+    static ENTRIES: std::cell::Cell<u32> = const { std::cell::Cell::new(RING_ENTRIES) };
+}
+
+/// Sets the submission queue size of this thread's ring, if it has not been
+/// created yet (the engine calls this on each core thread).
+pub(crate) fn set_thread_ring_entries(entries: u32) {
+    ENTRIES.with(|e| e.set(entries.clamp(8, 32768)));
 }
 
 impl Ring {
@@ -171,7 +178,7 @@ impl Ring {
             if let Some(ring) = &*r {
                 return Ok(ring.clone());
             }
-            let uring = IoUring::new(RING_ENTRIES)?;
+            let uring = IoUring::new(ENTRIES.with(|e| e.get()))?;
             let ring = Arc::new_cyclic(|weak| Ring {
                 state: Mutex::new(State {
                     uring,

@@ -12,7 +12,7 @@
 mod child;
 pub(crate) mod handoff;
 mod spawner;
-mod spec;
+pub(crate) mod spec;
 
 pub use child::{EXIT_PANIC, EXIT_START_FAILED, init};
 pub use handoff::{ArchivedHandoffState, HandoffResolver, HandoffState};
@@ -173,7 +173,7 @@ fn encode_value<R: Encode>(value: &R) -> Outcome {
     }
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     match p.downcast::<String>() {
         Ok(s) => *s,
         Err(p) => match p.downcast::<&'static str>() {

@@ -1,0 +1,367 @@
+//! The thread-per-core engine and the worker pool, on both backends.
+//! `harness = false` so pool workers (children) can re-execute this binary.
+
+mod common;
+
+use ringipc::{Backend, ChannelConfig, Engine, ErrorKind, Pool};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+fn affinity_of_this_thread() -> Vec<usize> {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid cpu_set_t of the size passed.
+    assert_eq!(
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) },
+        0
+    );
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+fn all_cores() -> Vec<usize> {
+    affinity_of_this_thread()
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+// ---- engine ----
+
+fn engine_on_all_cores(b: Backend) {
+    let threads = thread_count();
+    let engine = Engine::builder().backend(b).build().unwrap();
+    assert_eq!(engine.cores(), all_cores());
+    assert_eq!(engine.backend(), b);
+    let seen = engine
+        .block_on_all(|core| async move {
+            let name = std::thread::current().name().unwrap().to_string();
+            (
+                core,
+                affinity_of_this_thread(),
+                name,
+                Backend::Auto.resolve().unwrap(),
+            )
+        })
+        .unwrap();
+    for (core, aff, name, backend) in seen {
+        assert_eq!(aff, vec![core], "core thread {core} is not pinned");
+        assert_eq!(name, format!("ringipc-core-{core}"));
+        assert_eq!(
+            backend, b,
+            "Auto on an engine thread means the engine's backend"
+        );
+    }
+    drop(engine);
+    assert_eq!(thread_count(), threads, "engine threads leaked");
+}
+
+fn engine_on_one_core(b: Backend) {
+    let core = *all_cores().last().unwrap();
+    let engine = Engine::builder().cores([core]).backend(b).build().unwrap();
+    assert_eq!(
+        engine
+            .block_on(move || async move { affinity_of_this_thread() })
+            .unwrap(),
+        vec![core]
+    );
+    let other = common::block_on(engine.run_on(core + 1000, || async {})).unwrap_err();
+    assert_eq!(other.kind(), ErrorKind::Unsupported);
+    let e = Engine::builder()
+        .cores([4096])
+        .backend(b)
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("4096"), "{e}");
+}
+
+fn engine_panic_is_an_error(b: Backend) {
+    let threads = thread_count();
+    let engine = Engine::builder().backend(b).build().unwrap();
+    let core = engine.cores()[0];
+    let e = common::block_on(engine.run_on(core, || async { panic!("core task exploded") }))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Panicked);
+    assert!(e.to_string().contains("core task exploded"), "{e}");
+    // The core keeps serving, and shutdown is clean.
+    assert_eq!(
+        common::block_on(engine.run_on(core, || async { 5 })).unwrap(),
+        5
+    );
+    engine.shutdown();
+    assert_eq!(thread_count(), threads);
+}
+
+fn channels_between_cores(b: Backend) {
+    let engine = Engine::builder().backend(b).build().unwrap();
+    let cores = engine.cores();
+    let (first, last) = (cores[0], *cores.last().unwrap());
+    let (mut tx, mut rx) = ChannelConfig::new().backend(b).pipe::<u64>().unwrap();
+    let sender = engine.run_on(first, move || async move {
+        for i in 0..10_000u64 {
+            tx.feed(&i).await.unwrap();
+        }
+        tx.close().await.unwrap();
+    });
+    let receiver = engine.run_on(last, move || async move {
+        let mut sum = 0;
+        while let Ok(m) = rx.recv().await {
+            sum += m.to_native();
+        }
+        sum
+    });
+    let (s, r) = common::block_on(async { tokio::join!(sender, receiver) });
+    s.unwrap();
+    assert_eq!(r.unwrap(), (0..10_000u64).sum::<u64>());
+}
+
+// ---- pool handlers (run in worker children) ----
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn where_am_i(_: ()) -> (u32, Vec<u32>) {
+    (
+        std::process::id(),
+        affinity_of_this_thread()
+            .into_iter()
+            .map(|c| c as u32)
+            .collect(),
+    )
+}
+
+async fn slow_echo(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+fn tagged(id: u64) -> (u64, u64) {
+    // A little real work so kills land mid-job too.
+    let mut h = id;
+    for _ in 0..2_000 {
+        h = h.wrapping_mul(6364136223846793005).wrapping_add(1);
+    }
+    (id, h)
+}
+
+fn panics_on_13(x: u64) -> u64 {
+    if x == 13 {
+        panic!("unlucky {x}");
+    }
+    x
+}
+
+// ---- pool tests ----
+
+fn pool_results_and_ordered_map(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(square)
+            .workers(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(pool.call(7).await.unwrap().to_native(), 49);
+        let mut results = pool.map(0..200u64);
+        let mut i = 0u64;
+        while let Some(r) = results.next().await {
+            assert_eq!(r.unwrap().to_native(), i * i);
+            i += 1;
+        }
+        assert_eq!(i, 200);
+        let done: u64 = pool.stats().iter().map(|s| s.jobs_done).sum();
+        assert_eq!(done, 201);
+        pool.shutdown().await.unwrap();
+    });
+}
+
+fn pool_workers_are_pinned(b: Backend) {
+    common::block_on(async {
+        let cores = all_cores();
+        let pool = Pool::builder(where_am_i).backend(b).build().await.unwrap();
+        assert_eq!(
+            pool.workers(),
+            cores.len(),
+            "one worker per core by default"
+        );
+        let mut seen = HashSet::new();
+        for s in pool.stats() {
+            assert_eq!(s.core, Some(cores[s.worker]));
+        }
+        for _ in 0..(cores.len() * 20) {
+            let r = pool.call(()).await.unwrap().deserialize().unwrap();
+            assert_eq!(r.1.len(), 1, "worker not pinned: {:?}", r.1);
+            seen.insert((r.0, r.1[0]));
+        }
+        let pinned: HashSet<u32> = seen.iter().map(|(_, c)| *c).collect();
+        assert!(pinned.iter().all(|c| cores.contains(&(*c as usize))));
+        pool.shutdown().await.unwrap();
+    });
+}
+
+fn pool_backpressure(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(1)
+            .max_in_flight(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let mut calls = Vec::new();
+        for _ in 0..6 {
+            let p = pool.clone();
+            calls.push(tokio::spawn(async move { p.call(100).await }));
+        }
+        let t = Instant::now();
+        let mut max_seen = 0;
+        while t.elapsed() < Duration::from_millis(250) {
+            max_seen = max_seen.max(pool.stats()[0].in_flight);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(max_seen <= 2, "bound exceeded: {max_seen}");
+        assert_eq!(max_seen, 2, "the bound was never reached");
+        let e = pool.try_call(1).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Busy);
+        for c in calls {
+            assert_eq!(c.await.unwrap().unwrap().to_native(), 100);
+        }
+        pool.shutdown().await.unwrap();
+    });
+}
+
+fn pool_job_panic_keeps_worker(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(panics_on_13)
+            .workers(1)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let e = pool.call(13).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Panicked);
+        assert!(e.to_string().contains("unlucky 13"), "{e}");
+        assert_eq!(pool.call(14).await.unwrap().to_native(), 14);
+        let s = &pool.stats()[0];
+        assert_eq!((s.restarts, s.jobs_failed, s.jobs_done), (0, 1, 1));
+        pool.shutdown().await.unwrap();
+    });
+}
+
+/// 10,000 jobs while workers are SIGKILLed at random: every job ends in its
+/// own correct result or in `WorkerDied`, none twice, none missing.
+fn pool_crash_recovery_accounts_for_every_job(b: Backend) {
+    common::block_on(async {
+        const JOBS: u64 = 10_000;
+        let pool = Pool::builder(tagged)
+            .workers(2)
+            .max_in_flight(8)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let killer_pool = pool.clone();
+        let killer = tokio::spawn(async move {
+            let mut seed = 0x9e3779b97f4a7c15u64;
+            for _ in 0..6 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                tokio::time::sleep(Duration::from_millis(5 + seed % 30)).await;
+                let stats = killer_pool.stats();
+                let victim = &stats[(seed % stats.len() as u64) as usize];
+                // SAFETY: plain kill(2) of our own worker.
+                unsafe { libc::kill(victim.pid as i32, libc::SIGKILL) };
+            }
+        });
+        let mut results = pool.map(0..JOBS);
+        let (mut ok, mut died, mut id) = (0u64, 0u64, 0u64);
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(m) => {
+                    assert_eq!(m.0.to_native(), id, "result for the wrong job");
+                    assert_eq!(m.deserialize().unwrap(), tagged(id));
+                    ok += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+                    assert!(e.to_string().contains("worker"), "{e}");
+                    died += 1;
+                }
+            }
+            id += 1;
+        }
+        killer.await.unwrap();
+        assert_eq!(ok + died, JOBS);
+        let stats = pool.stats();
+        let restarts: u64 = stats.iter().map(|s| s.restarts).sum();
+        let done: u64 = stats.iter().map(|s| s.jobs_done).sum();
+        let failed: u64 = stats.iter().map(|s| s.jobs_failed).sum();
+        assert!(restarts >= 1, "no worker was restarted: {stats:?}");
+        assert_eq!(done, ok, "{stats:?}");
+        assert_eq!(failed, died, "{stats:?}");
+        eprintln!("    {ok} ok, {died} lost with their worker, {restarts} restarts");
+        pool.shutdown().await.unwrap();
+    });
+}
+
+fn pool_shutdown_drains_in_flight(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(2)
+            .max_in_flight(4)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let pids: Vec<u32> = pool.stats().iter().map(|s| s.pid).collect();
+        let mut calls = Vec::new();
+        for i in 0..16 {
+            let p = pool.clone();
+            calls.push(tokio::spawn(async move { p.call(20 + i).await }));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let closer = pool.clone();
+        drop(pool);
+        closer.shutdown().await.unwrap();
+        for (i, c) in calls.into_iter().enumerate() {
+            let r = c.await.unwrap();
+            match r {
+                Ok(v) => assert_eq!(v.to_native(), 20 + i as u64),
+                // A call that had not reached the pool when it closed.
+                Err(e) => assert_eq!(e.kind(), ErrorKind::Closed, "{e}"),
+            }
+        }
+        for pid in pids {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "worker {pid} still running"
+            );
+        }
+    });
+}
+
+fn main() {
+    ringipc::init();
+    common::harness(&[
+        ("engine_on_all_cores", engine_on_all_cores),
+        ("engine_on_one_core", engine_on_one_core),
+        ("engine_panic_is_an_error", engine_panic_is_an_error),
+        ("channels_between_cores", channels_between_cores),
+        ("pool_results_and_ordered_map", pool_results_and_ordered_map),
+        ("pool_workers_are_pinned", pool_workers_are_pinned),
+        ("pool_backpressure", pool_backpressure),
+        ("pool_job_panic_keeps_worker", pool_job_panic_keeps_worker),
+        (
+            "pool_crash_recovery_accounts_for_every_job",
+            pool_crash_recovery_accounts_for_every_job,
+        ),
+        (
+            "pool_shutdown_drains_in_flight",
+            pool_shutdown_drains_in_flight,
+        ),
+    ]);
+}
