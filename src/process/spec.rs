@@ -26,13 +26,20 @@ pub(crate) struct Spec {
     pub name: String,
 }
 
+/// The reference point for code addresses. A static has exactly one address
+/// in the program; a function would not do: small functions are inlined
+/// across crates, and taking the address of an inlined copy gives a
+/// different value depending on which crate's code takes it.
+static ANCHOR: u8 = 0;
+
 fn anchor() -> usize {
-    crate::init as fn() as usize
+    &ANCHOR as *const u8 as usize
 }
 
 impl Spec {
-    /// Code addresses travel as offsets from `ringipc::init`: the child is
-    /// the same executable, so offsets agree even though ASLR moves the base.
+    /// Code addresses travel as offsets from a static of this crate: the
+    /// child is the same executable, so offsets agree even though ASLR moves
+    /// the image.
     pub fn offset(addr: usize) -> i64 {
         addr.wrapping_sub(anchor()) as i64
     }
@@ -41,8 +48,10 @@ impl Spec {
         anchor().wrapping_add(offset as usize)
     }
 
+    /// The offset of a non-inlined function, equal in parent and child only
+    /// if both run the same binary.
     pub fn anchor_check() -> i64 {
-        Spec::offset(super::child::init_marker as fn() as usize)
+        Spec::offset(super::child::init_marker as fn() -> u64 as usize)
     }
 }
 
