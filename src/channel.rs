@@ -268,6 +268,7 @@ impl SendHalf {
     }
 
     pub(crate) fn resumed(io: Io, enc: Encoder) -> SendHalf {
+        sys::ignore_sigpipe();
         SendHalf {
             io,
             enc,

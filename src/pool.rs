@@ -43,7 +43,7 @@ pub struct JobMsg<J> {
 pub struct WorkerArgs<J> {
     jobs: Receiver<JobMsg<J>>,
     results: BytesSender,
-    /// The handler, as an offset from `ringipc::init` (see `Spec`).
+    /// The handler's code address, as an offset (see `Spec::offset`).
     handler: i64,
 }
 

@@ -1,5 +1,7 @@
-//! Thin wrappers over the libc calls ringipc makes. Every `unsafe` libc call
-//! of the crate lives here, next to the reason it is sound.
+//! Thin wrappers over the libc calls ringipc makes, each next to the reason
+//! it is sound. (The exceptions are the calls between fork and exec in
+//! `process::ProcessBuilder::start`, which must be inline and allocation-free,
+//! and `getppid` in the child.)
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -230,11 +232,6 @@ fn close_range_slow(from: libc::c_uint, last: libc::c_uint) {
 pub fn process_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: getpid has no preconditions.
     cpus_of(unsafe { libc::getpid() })
-}
-
-/// The CPUs the calling thread may run on.
-pub fn thread_cpus() -> io::Result<Vec<usize>> {
-    cpus_of(0)
 }
 
 fn cpus_of(pid: libc::pid_t) -> io::Result<Vec<usize>> {

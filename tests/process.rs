@@ -250,6 +250,18 @@ fn is_alive_before_and_after(b: Backend) {
         assert!(p.join().await.unwrap().success());
         assert!(!p.is_alive());
         assert_eq!(p.exit_status(), Some(ExitStatus::Code(0)));
+
+        // Polling until it is gone, then joining, still yields the value.
+        let mut p = Process::builder_async(add)
+            .arg((1, 2))
+            .backend(b)
+            .start()
+            .unwrap();
+        while p.is_alive() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(p.join().await.unwrap().success());
+        assert_eq!(p.result().unwrap().to_native(), 3);
     });
 }
 

@@ -625,6 +625,11 @@ pub(crate) struct UringWait {
 }
 
 impl UringWait {
+    /// Whether a waitid is submitted and not yet reaped.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.slot.op.is_some()
+    }
+
     /// `(exited normally, code or signal)` once the process is gone.
     pub(crate) fn poll(
         &mut self,

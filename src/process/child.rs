@@ -43,7 +43,10 @@ pub fn init() {
         return;
     };
     // SAFETY: `init` runs first in `main`, before the program starts threads
-    // that could read the environment concurrently.
+    // that could read the environment concurrently (inside a multi-thread
+    // `#[tokio::main]` its idle workers do not touch the environment).
+    // Removing it keeps programs this child starts from mistaking themselves
+    // for ringipc children.
     unsafe { std::env::remove_var(CHILD_ENV) };
     let code = match run(value.to_str().and_then(|v| v.parse::<RawFd>().ok())) {
         Ok(code) => code,
@@ -76,9 +79,14 @@ fn run(spec_fd: Option<RawFd>) -> Result<i32, String> {
     let fds: Vec<RawFd> = spec.fds.iter().map(|f| f.to_native()).collect();
     let mut keep = fds.clone();
     keep.push(control_fd);
-    // Only the handles passed stay open; whatever else leaked across exec
-    // (fds opened without CLOEXEC by C code, say) is closed here.
-    sys::close_fds_except(&keep);
+    // Only the handles passed stay open. The parent marked every other fd
+    // close-on-exec before exec (CLOSE_RANGE_CLOEXEC, Linux 5.11+); on older
+    // kernels whatever leaked across exec is closed here, unless `init` was
+    // called inside a runtime whose own fds must not be closed under it.
+    let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+    if !in_runtime {
+        sys::close_fds_except(&keep);
+    }
     for &fd in &keep {
         // Our own children must not inherit these.
         sys::set_cloexec(fd, true).map_err(|e| format!("fd {fd}: {e}"))?;
@@ -116,7 +124,23 @@ fn run(spec_fd: Option<RawFd>) -> Result<i32, String> {
     args.extend_from_slice(&spec.args);
     let entry = Spec::resolve(spec.entry.to_native());
 
-    let outcome = handoff::with_inherited(inherited, || trampoline(entry, &args));
+    let run_entry = move || {
+        handoff::install_inherited(inherited);
+        let outcome = trampoline(entry, &args);
+        handoff::clear_inherited();
+        outcome
+    };
+    // `init` inside `#[tokio::main]`: a runtime cannot start inside another
+    // on the same thread, so the entry gets a thread of its own.
+    let outcome = if in_runtime {
+        std::thread::scope(|s| {
+            s.spawn(run_entry)
+                .join()
+                .unwrap_or_else(|p| Outcome::Panic(super::panic_message(p)))
+        })
+    } else {
+        run_entry()
+    };
     let code = match &outcome {
         Outcome::Value(_) => 0,
         Outcome::Panic(_) => EXIT_PANIC,

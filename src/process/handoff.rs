@@ -54,16 +54,24 @@ pub(crate) fn collect_fds<T>(f: impl FnOnce() -> T) -> (T, Vec<RawFd>) {
     (out, fds)
 }
 
-/// Runs `f` (which deserializes a child's arguments) with the inherited fds
-/// available by index.
-pub(crate) fn with_inherited<T>(fds: Vec<OwnedFd>, f: impl FnOnce() -> T) -> T {
+/// Makes the inherited fds available by index to the deserialization of
+/// the child's arguments (on this thread).
+pub(crate) fn install_inherited(fds: Vec<OwnedFd>) {
     INHERITED.with(|c| *c.borrow_mut() = Some(fds.into_iter().map(Some).collect()));
-    let out = f();
+}
+
+/// Ends the hand-over: fds no argument claimed are closed.
+pub(crate) fn clear_inherited() {
     INHERITED.with(|c| c.borrow_mut().take());
-    out
 }
 
 fn register(fd: RawFd) -> Result<u32> {
+    if fd < 0 {
+        return Err(Error::new(
+            ErrorKind::Closed,
+            "cannot hand over a closed channel end",
+        ));
+    }
     COLLECT.with(|c| match c.borrow_mut().as_mut() {
         Some(fds) => {
             fds.push(fd);

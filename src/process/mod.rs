@@ -156,9 +156,21 @@ where
     A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
 {
     let archived = rkyv::access::<A::Archived, rancor::Error>(args)
-        .map_err(|e| format!("invalid arguments: {e}"))?;
-    rkyv::deserialize::<A, rancor::Error>(archived)
-        .map_err(|e| format!("cannot decode arguments: {e}"))
+        .map_err(|e| format!("invalid arguments: {e}"));
+    let decoded = archived.and_then(|a| {
+        rkyv::deserialize::<A, rancor::Error>(a)
+            .map_err(|e| format!("cannot decode arguments: {e}"))
+    });
+    // Inherited fds that no argument claimed are closed now, not when the
+    // entry returns.
+    handoff::clear_inherited();
+    decoded
+}
+
+/// Drops the child's runtime without waiting for blocking tasks (tokio's
+/// stdin reader, say) that would keep the outcome from being reported.
+fn finish(rt: tokio::runtime::Runtime) {
+    rt.shutdown_timeout(Duration::from_millis(100));
 }
 
 fn encode_value<R: Encode>(value: &R) -> Outcome {
@@ -197,15 +209,18 @@ where
         Ok(rt) => rt,
         Err(e) => return Outcome::Failed(e),
     };
-    let _guard = rt.enter();
-    let args = match decode_args::<A>(args) {
-        Ok(a) => a,
-        Err(e) => return Outcome::Failed(e),
+    let outcome = {
+        let _guard = rt.enter();
+        match decode_args::<A>(args) {
+            Ok(args) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(args))) {
+                Ok(r) => encode_value(&r),
+                Err(p) => Outcome::Panic(panic_message(p)),
+            },
+            Err(e) => Outcome::Failed(e),
+        }
     };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(args))) {
-        Ok(r) => encode_value(&r),
-        Err(p) => Outcome::Panic(panic_message(p)),
-    }
+    finish(rt);
+    outcome
 }
 
 fn trampoline_async<A, R, F>(entry: usize, args: &[u8]) -> Outcome
@@ -223,15 +238,19 @@ where
     };
     let args = {
         let _guard = rt.enter();
-        match decode_args::<A>(args) {
-            Ok(a) => a,
-            Err(e) => return Outcome::Failed(e),
-        }
+        decode_args::<A>(args)
     };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(f(args)))) {
-        Ok(r) => encode_value(&r),
-        Err(p) => Outcome::Panic(panic_message(p)),
-    }
+    let outcome = match args {
+        Ok(args) => {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(f(args)))) {
+                Ok(r) => encode_value(&r),
+                Err(p) => Outcome::Panic(panic_message(p)),
+            }
+        }
+        Err(e) => Outcome::Failed(e),
+    };
+    finish(rt);
+    outcome
 }
 
 /// Options for starting a child; made by [`Process::builder`] or
@@ -364,9 +383,11 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             .clone()
             .unwrap_or_else(|| "ringipc-child".to_string());
         let spawn_err = |what: &str| Error::new(ErrorKind::Spawn, format!("start {name}: {what}"));
-        if !child::INIT_CALLED.load(Ordering::SeqCst) && std::env::var_os(CHILD_ENV).is_some() {
+        // Without init() first in main, the child would run this program's
+        // whole main again (and start children of its own): refuse.
+        if !child::INIT_CALLED.load(Ordering::SeqCst) {
             return Err(spawn_err(
-                "this process is a ringipc child that never called ringipc::init(); call it first in main",
+                "ringipc::init() was not called in this process; call it first in main (see docs/testing.md for tests)",
             ));
         }
         let cpus = self
@@ -432,13 +453,34 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         }
         let mut inherit: Vec<RawFd> = vec![memfd.as_raw_fd(), ctl_w.as_raw_fd()];
         inherit.extend_from_slice(&fds);
+        inherit.sort_unstable();
+        inherit.dedup();
+        // The gaps between inherited fds, to be marked close-on-exec.
+        let mut gaps: Vec<(libc::c_uint, libc::c_uint)> = Vec::with_capacity(inherit.len() + 1);
+        let mut from: libc::c_uint = 3;
+        for &fd in &inherit {
+            let fd = fd as libc::c_uint;
+            if fd > from {
+                gaps.push((from, fd - 1));
+            }
+            from = from.max(fd + 1);
+        }
+        gaps.push((from, libc::c_uint::MAX));
         let cpu_set = cpus.as_deref().map(sys::cpu_set);
         let die = self.die_with_parent;
         // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls (fcntl, sched_setaffinity, prctl,
-        // getppid) on data prepared before the fork; it allocates nothing.
+        // async-signal-safe system calls (close_range, fcntl,
+        // sched_setaffinity, prctl, getppid) on data prepared before the
+        // fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                for &(lo, hi) in &gaps {
+                    // Everything but the inherited fds closes at exec, even
+                    // fds that C code opened without O_CLOEXEC. Kernels
+                    // before 5.11 lack the flag; the child's `init` closes
+                    // them instead.
+                    libc::syscall(libc::SYS_close_range, lo, hi, libc::CLOSE_RANGE_CLOEXEC);
+                }
                 for &fd in &inherit {
                     // Clear close-on-exec in this forked copy only: the
                     // parent's fds stay CLOEXEC, so concurrent spawns of other
@@ -478,11 +520,18 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
                 return Err(spawn_err("pidfd_open").with_source(e));
             }
         };
-        let control = ChannelConfig::new()
+        let control = match ChannelConfig::new()
             .backend(backend)
             .max_frame_size(usize::MAX)
             .bytes_receiver(ctl_r)
-            .map_err(|e| spawn_err("control pipe").with_source(e))?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = sys::pidfd_send_signal(pidfd.as_raw_fd(), libc::SIGKILL);
+                let _ = sys::waitid_pidfd(pidfd.as_raw_fd(), false);
+                return Err(spawn_err("control pipe").with_source(e));
+            }
+        };
         let waiter = if backend == Backend::Uring && waitid_supported() {
             Waiter::Uring(UringWait::default())
         } else {
@@ -574,9 +623,6 @@ impl<R> Process<R> {
     /// Waits for the child to exit and reaps it. Cancellation-safe: dropping
     /// the future loses nothing, and a later `join` picks up where it was.
     pub async fn join(&mut self) -> Result<ExitStatus> {
-        if let Some(s) = self.status {
-            return Ok(s);
-        }
         if let Some(control) = &mut self.control {
             // The control pipe carries the entry's outcome and reaches EOF
             // when the child is gone (nothing else holds its write end).
@@ -631,9 +677,21 @@ impl<R> Process<R> {
     /// The exit status if the child has exited (reaping it), else `None`.
     /// Never blocks.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none()
-            && let Ok(Some(s)) = sys::waitid_pidfd(self.pidfd.as_raw_fd(), true)
+        if self.status.is_some() {
+            return self.status;
+        }
+        // A uring waitid left in flight by an abandoned `join` may already
+        // have reaped the child: ask it first, then waitid directly.
+        if let Waiter::Uring(w) = &mut self.waiter
+            && w.in_flight()
         {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(Ok(s)) = w.poll(&mut cx, self.pidfd.as_raw_fd()) {
+                self.status = Some(ExitStatus::from_wait(s));
+            }
+            return self.status;
+        }
+        if let Ok(Some(s)) = sys::waitid_pidfd(self.pidfd.as_raw_fd(), true) {
             self.status = Some(ExitStatus::from_wait(s));
         }
         self.status
@@ -740,7 +798,9 @@ impl<R> Drop for Process<R> {
         if self.status.is_some() {
             return;
         }
-        // Stop an in-flight uring waitid first, so it cannot race the reap below.
+        // Ask an in-flight uring waitid to stop (cancellation is requested,
+        // not awaited); if it reaps the child first, the waitid below gets
+        // ECHILD, which is fine: either way the child is reaped once.
         self.waiter = Waiter::Epoll(EpollWait::default());
         match self.on_drop {
             OnDrop::Kill => {
@@ -824,14 +884,19 @@ where
 
 /// Starts a child running the `async` `entry(args)` with default options.
 ///
-/// ```no_run
-/// #[tokio::main(flavor = "current_thread")]
-/// async fn main() -> ringipc::Result<()> {
+/// ```
+/// async fn square(x: u64) -> u64 {
+///     x * x
+/// }
+///
+/// fn main() -> ringipc::Result<()> {
 ///     ringipc::init();
-///     async fn square(x: u64) -> u64 { x * x }
-///     let mut child = ringipc::spawn_async(square, 12)?;
-///     assert_eq!(child.join_value().await?, 144);
-///     Ok(())
+///     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+///     rt.block_on(async {
+///         let mut child = ringipc::spawn_async(square, 12)?;
+///         assert_eq!(child.join_value().await?, 144);
+///         Ok(())
+///     })
 /// }
 /// ```
 pub fn spawn_async<A, R, F>(entry: fn(A) -> F, args: A) -> Result<Process<R>>
