@@ -16,7 +16,9 @@ fn tiny(x: u64) -> u64 {
 fn one_ms(seed: u64) -> u64 {
     let mut h = seed;
     for _ in 0..1_000_000 {
-        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        h = h
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
     }
     h
 }
@@ -35,8 +37,13 @@ fn overhead(c: &mut Criterion) {
     let mut g = c.benchmark_group("pool_call_tiny");
     g.bench_function("direct_fn_call", |b| b.iter(|| tiny(black_box(7))));
     for backend in backends() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let pool = rt.block_on(Pool::builder(tiny).workers(1).backend(backend).build()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = rt
+            .block_on(Pool::builder(tiny).workers(1).backend(backend).build())
+            .unwrap();
         g.bench_function(BenchmarkId::new("pool_call", backend.name()), |b| {
             b.iter(|| rt.block_on(async { pool.call(black_box(7)).await.unwrap().to_native() }))
         });
@@ -47,14 +54,26 @@ fn overhead(c: &mut Criterion) {
 
 fn cpu_bound(c: &mut Criterion) {
     const JOBS: u64 = 16;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut g = c.benchmark_group("pool_cpu_1ms");
     g.sample_size(10);
     g.throughput(Throughput::Elements(JOBS));
     for backend in backends() {
         for workers in [1, cores] {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let pool = rt.block_on(Pool::builder(one_ms).workers(workers).backend(backend).build()).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let pool = rt
+                .block_on(
+                    Pool::builder(one_ms)
+                        .workers(workers)
+                        .backend(backend)
+                        .build(),
+                )
+                .unwrap();
             let id = BenchmarkId::new(format!("{}_workers", workers), backend.name());
             g.bench_function(id, |b| {
                 b.iter(|| {

@@ -19,11 +19,18 @@ fn start_to_join(c: &mut Criterion) {
             eprintln!("skipping uring: {why}");
             continue;
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         g.bench_function(BenchmarkId::new("ringipc_empty_fn", backend.name()), |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let mut p = Process::builder(empty).arg(()).backend(backend).start().unwrap();
+                    let mut p = Process::builder(empty)
+                        .arg(())
+                        .backend(backend)
+                        .start()
+                        .unwrap();
                     assert!(p.join().await.unwrap().success());
                 })
             })

@@ -132,7 +132,8 @@ struct CoreHandle {
     tx: mpsc::UnboundedSender<Job>,
 }
 
-/// A set of pinned core threads; see the [module docs](self).
+/// A set of pinned core threads, one per core, each with its own runtime
+/// and (on uring) its own ring.
 ///
 /// Dropping it stops every core: tasks still running are cancelled, threads
 /// are joined, rings are closed.

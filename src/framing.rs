@@ -317,7 +317,7 @@ impl Encoder {
 
     fn compact(&mut self) {
         // Dropping whole written frames keeps buffer and stream offsets equal mod 16.
-        if self.pos >= 64 * 1024 && self.pos % FRAME_ALIGN == 0 {
+        if self.pos >= 64 * 1024 && self.pos.is_multiple_of(FRAME_ALIGN) {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
@@ -335,7 +335,7 @@ pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Splits frames out of a byte stream.
 ///
-/// Feed it with [`Decoder::spare`] + [`Decoder::commit`] (or
+/// Feed it with [`Decoder::reserve`] + [`Decoder::commit`] (or
 /// [`Decoder::feed`]), take frames with [`Decoder::next_frame`], and report end
 /// of stream with [`Decoder::eof`].
 #[derive(Debug)]
@@ -484,25 +484,29 @@ impl Decoder {
         self.failed.is_some()
     }
 
-    /// How many bytes the next read should at least make room for: the rest
-    /// of a frame whose header has arrived, or one read chunk.
-    fn wanted(&self) -> usize {
+    /// How many bytes the next read should make room for, and at most
+    /// ask for: the rest of a large frame whose header has arrived (so the
+    /// read ends on its boundary and the buffer empties without moving
+    /// bytes), or one read chunk.
+    fn wanted(&self) -> (usize, usize) {
         let avail = &self.buf[self.start..];
         if avail.len() >= HEADER_LEN
             && let Ok((_, len)) = parse_header(&avail[..HEADER_LEN], self.max_frame.max(HELLO_LEN))
         {
-            return (HEADER_LEN + padded(len))
-                .saturating_sub(avail.len())
-                .max(READ_CHUNK);
+            let rest = (HEADER_LEN + padded(len)).saturating_sub(avail.len());
+            if rest > READ_CHUNK {
+                return (rest, rest);
+            }
+            return (rest.max(READ_CHUNK), usize::MAX);
         }
-        READ_CHUNK
+        (READ_CHUNK, usize::MAX)
     }
 
     /// Makes room for a read and returns the writable region, which is
     /// uninitialised memory: write into it, then call [`Decoder::commit`].
     /// Never grows past one maximum frame plus a read chunk.
     pub fn reserve(&mut self) -> (*mut u8, usize) {
-        let want = self.wanted();
+        let (want, cap) = self.wanted();
         if self.start == self.buf.len() {
             // Everything consumed: start over at offset 0 (keeps alignment).
             self.buf.clear();
@@ -529,7 +533,7 @@ impl Decoder {
             }
         }
         let len = self.buf.len();
-        let spare = self.buf.capacity() - len;
+        let spare = (self.buf.capacity() - len).min(cap);
         // SAFETY: `len <= capacity`, so the offset stays inside the allocation.
         let ptr = unsafe { self.buf.as_mut_ptr().add(len) };
         (ptr, spare)

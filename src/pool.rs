@@ -269,7 +269,8 @@ impl<J, R: Archive> Drop for Handle<J, R> {
     }
 }
 
-/// A pool of worker processes; see the [module docs](self). Cloning it is
+/// A pool of pinned worker processes with backpressure and crash recovery
+/// (see `docs/architecture.md`). Cloning it is
 /// cheap and shares the workers.
 pub struct Pool<J, R: Archive> {
     handle: Arc<Handle<J, R>>,

@@ -156,13 +156,20 @@ fn run_child(role: &str, env: &[(&str, &str)]) -> Result<(), String> {
     }
 }
 
+/// (test name, child role, extra environment)
+type Case = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+);
+
 fn main() {
     if let Ok(role) = std::env::var("RINGIPC_TEST_ROLE") {
         child(&role);
         return;
     }
     let uring_ok = ringipc::uring_probe();
-    let mut cases: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+    let mut cases: Vec<Case> = vec![
         ("seccomp_auto_falls_back_to_epoll", "seccomp-auto", vec![]),
         (
             "seccomp_forced_uring_is_an_error",

@@ -8,15 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 fn affinity_of_this_thread() -> Vec<usize> {
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid cpu_set_t of the size passed.
-    assert_eq!(
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) },
-        0
-    );
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .collect()
+    common::thread_affinity()
 }
 
 fn all_cores() -> Vec<usize> {

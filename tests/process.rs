@@ -157,15 +157,9 @@ async fn list_fds_with(rx: Receiver<u8>) -> Vec<String> {
 }
 
 async fn affinity(_: ()) -> Vec<u32> {
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid cpu_set_t of the size passed.
-    assert_eq!(
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) },
-        0
-    );
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .map(|i| i as u32)
+    common::thread_affinity()
+        .into_iter()
+        .map(|c| c as u32)
         .collect()
 }
 
@@ -555,12 +549,7 @@ fn pinned_child(b: Backend) {
 }
 
 fn ringipc_cores() -> Vec<usize> {
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid cpu_set_t of the size passed.
-    unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .collect()
+    common::thread_affinity()
 }
 
 fn fd_count() -> usize {

@@ -82,6 +82,13 @@ impl EpollIo {
                 Ok(Ok(n)) => {
                     // SAFETY: the kernel initialised `n <= len` bytes at `ptr`.
                     unsafe { dec.commit(n) };
+                    if n > 0 && n < len {
+                        // A pipe returns less than asked only when it is
+                        // empty: forget the readiness now instead of paying
+                        // a read that returns EAGAIN to learn it (as tokio's
+                        // own pipe does).
+                        guard.clear_ready();
+                    }
                     return Poll::Ready(Ok(n));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -99,9 +106,14 @@ impl EpollIo {
         let afd = self.registered()?;
         loop {
             let mut guard = ready!(afd.poll_write_ready(cx))?;
+            let want = enc.pending().len();
             match guard.try_io(|fd| sys::write(fd.as_raw_fd(), enc.pending())) {
                 Ok(Ok(n)) => {
                     enc.advance(n);
+                    if n < want {
+                        // Short write: the pipe is full.
+                        guard.clear_ready();
+                    }
                     return Poll::Ready(Ok(n));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,

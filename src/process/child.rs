@@ -29,7 +29,8 @@ pub const EXIT_START_FAILED: i32 = 102;
 /// anything earlier — logging set-up, opened files, spawned threads — would
 /// happen again in each child, and fds it opens would be closed under it.
 ///
-/// ```
+/// ```no_run
+/// # #[allow(clippy::needless_doctest_main)]
 /// fn main() {
 ///     ringipc::init();
 ///     // ... the program, which may start children ...

@@ -560,7 +560,7 @@ enum Waiter {
     Epoll(EpollWait),
 }
 
-/// A running (or finished) child process; see the [module docs](self).
+/// A running (or finished) child process started by [`ProcessBuilder::start`].
 ///
 /// Dropping it without joining kills and reaps the child (see [`OnDrop`]).
 pub struct Process<R = ()> {
@@ -626,11 +626,8 @@ impl<R> Process<R> {
         if let Some(control) = &mut self.control {
             // The control pipe carries the entry's outcome and reaches EOF
             // when the child is gone (nothing else holds its write end).
-            loop {
-                match control.recv().await {
-                    Ok(payload) => self.outcome = Some(Outcome::decode(payload)),
-                    Err(_) => break,
-                }
+            while let Ok(payload) = control.recv().await {
+                self.outcome = Some(Outcome::decode(payload));
             }
             self.control = None;
         }

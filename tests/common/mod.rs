@@ -38,10 +38,13 @@ macro_rules! both_backends {
     };
 }
 
+/// A named test body, run once per backend.
+pub type Test = (&'static str, fn(Backend));
+
 /// A tiny libtest look-alike for `harness = false` test binaries, whose
 /// `main` must call `ringipc::init()` first so they can start children.
 /// Each test runs once per backend; an argument filters tests by substring.
-pub fn harness(tests: &[(&str, fn(Backend))]) {
+pub fn harness(tests: &[Test]) {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let uring = ringipc::uring_probe();
     let mut cases = Vec::new();
@@ -97,4 +100,17 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(fut)
+}
+
+/// The CPUs the calling thread may run on.
+pub fn thread_affinity() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    assert_eq!(r, 0, "sched_getaffinity");
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `i` is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
 }
