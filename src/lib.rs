@@ -1,5 +1,13 @@
 //! ringipc: typed messages over pipes between tokio tasks, threads and
-//! processes, on io_uring or epoll.
+//! processes, on io_uring or epoll; child processes that run a Rust
+//! function; a thread-per-core engine and a worker pool.
+//!
+//! # Channels
+//!
+//! [`pipe`] makes a typed one-way channel. Messages are rkyv archives:
+//! [`Sender::send`] serializes into the channel's frame buffer, and
+//! [`Receiver::recv`] hands out a [`Message`] that derefs to the archived
+//! value in place, validated once (bytes from another process are untrusted).
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -14,8 +22,47 @@
 //! # }).unwrap();
 //! ```
 //!
-//! See `README.md` and `docs/` for the architecture, the wire format and
-//! backend selection.
+//! [`duplex`] pairs two pipes, [`bytes_pipe`] carries raw `&[u8]` frames, and
+//! [`ChannelConfig`] picks the backend and the maximum frame size. Every
+//! operation is cancellation-safe: a `recv` dropped by a timeout loses no
+//! message, a dropped `send` leaves the stream intact.
+//!
+//! # Child processes
+//!
+//! [`Process::builder`] / [`Process::builder_async`] start a child that runs
+//! a Rust function with typed arguments. Channel handles anywhere inside the
+//! arguments move to the child; only their fds are inherited. The child is
+//! this same binary, re-executed: **call [`init`] first in `main`**.
+//!
+//! ```
+//! # #[allow(clippy::needless_doctest_main)]
+//! async fn double(x: u64) -> u64 {
+//!     x * 2
+//! }
+//!
+//! fn main() -> ringipc::Result<()> {
+//!     ringipc::init();
+//!     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//!     rt.block_on(async {
+//!         let mut child = ringipc::Process::builder_async(double).arg(21).name("doubler").start()?;
+//!         assert!(child.join().await?.success());
+//!         assert_eq!(child.result()?.to_native(), 42);
+//!         Ok(())
+//!     })
+//! }
+//! ```
+//!
+//! # Engine and pool
+//!
+//! [`Engine`] runs one pinned thread per core, each with its own runtime and
+//! ring. [`Pool`] keeps pinned worker children that run jobs with
+//! backpressure and crash recovery. `examples/server.rs` combines them.
+//!
+//! # Backends
+//!
+//! [`Backend::Auto`] picks io_uring where the kernel allows it and epoll
+//! otherwise; `RINGIPC_BACKEND=uring|epoll|auto` overrides it. See
+//! `README.md` and `docs/` for the architecture, the wire format and tuning.
 
 mod backend;
 mod channel;
