@@ -295,31 +295,49 @@ impl State {
             }
         };
         let entry = entry.user_data(id as u64);
-        if let Err(e) = self.push(&entry) {
-            self.free.push(id);
-            return Err((e, keep));
-        }
+        // The slot is pending before the kernel sees the entry: entering may
+        // reap (when the completion queue is full), and this operation's own
+        // completion may be among what it reaps.
         self.slots[id] = Slot {
             state: SlotState::Pending(None),
             keep,
         };
         self.in_flight += 1;
+        if let Err(e) = self.queue(&entry) {
+            // Not queued: nothing will ever complete it.
+            self.in_flight -= 1;
+            let keep = self.release(id);
+            return Err((e, keep));
+        }
+        if let Err(e) = self.enter() {
+            // Queued but not submitted: the next enter will submit it, so its
+            // buffer must outlive it; the slot becomes an orphan and the
+            // caller's stream is broken (it gets the error, not the buffer).
+            self.slots[id].state = SlotState::Orphan;
+            return Err((e, Keep::None));
+        }
         Ok(id)
     }
 
-    /// Queues `entry` and enters the kernel once; pipe reads and writes that
-    /// can complete at once do so inside this call.
-    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+    /// Puts `entry` in the submission queue, entering the kernel first if
+    /// the queue is full. On error the entry was not queued.
+    fn queue(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: every buffer an entry points at is owned by its slot's
             // `keep` (or by the caller for cancellations, which point at none)
             // and is only released when the completion has been reaped, or
             // leaked if the ring goes away first (see `Drop for State`).
             match unsafe { self.uring.submission().push(entry) } {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(_full) => self.enter()?,
             }
         }
+    }
+
+    /// Queues `entry` and enters the kernel once; pipe reads and writes that
+    /// can complete at once do so inside this call.
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        self.queue(entry)?;
         self.enter()
     }
 
@@ -458,7 +476,10 @@ impl OpSlot {
         keep: Keep,
         cancel_on_drop: bool,
     ) -> Result<(), (io::Error, Keep)> {
-        let ring = Ring::current().map_err(|e| (e, keep_none()))?;
+        let ring = match Ring::current() {
+            Ok(ring) => ring,
+            Err(e) => return Err((e, keep)),
+        };
         let id = ring.lock().submit(entry, keep)?;
         self.op = Some(Op {
             ring,
@@ -474,10 +495,6 @@ impl OpSlot {
         self.op = None;
         Poll::Ready(Ok(out))
     }
-}
-
-fn keep_none() -> Keep {
-    Keep::None
 }
 
 impl Drop for OpSlot {
