@@ -393,11 +393,6 @@ impl<T: Encode> Sender<T> {
         self.half.flush().await
     }
 
-    /// Encodes one message into the send buffer, with no I/O.
-    pub(crate) fn queue(&mut self, value: &T) -> Result<()> {
-        self.half.push(|buf| encode_into(value, buf))
-    }
-
     /// Queues one message without waiting for it to be written (it is
     /// written when 256 KiB are queued, or on `flush`/`send`). Frames queued
     /// together go out in one write: use it for bursts of small messages.

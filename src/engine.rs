@@ -123,8 +123,11 @@ fn core_main(
             job();
         }
     });
-    // Dropping the LocalSet and runtime here cancels tasks still running;
-    // the thread-local ring goes when the thread ends.
+    // Tasks still running are cancelled; blocking work (spawn_blocking,
+    // tokio::fs) gets a moment, not a chance to hold shutdown forever. The
+    // thread-local ring goes when the thread ends.
+    drop(local);
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
 }
 
 struct CoreHandle {
@@ -211,7 +214,9 @@ impl Engine {
         })?;
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
-            let task = tokio::task::spawn_local(f());
+            // `f` itself runs inside the task, so a panic while it builds
+            // its future is caught like one inside the future.
+            let task = tokio::task::spawn_local(async move { f().await });
             tokio::task::spawn_local(async move {
                 let r = task.await.map_err(|e| match e.try_into_panic() {
                     Ok(p) => crate::process::panic_message(p),
@@ -263,6 +268,7 @@ impl Engine {
         Fut: Future<Output = T> + 'static,
         T: Send + 'static,
     {
+        Self::not_in_runtime("block_on")?;
         let core = self.cores[0].core;
         let rx = self.submit(core, f)?;
         match rx.blocking_recv() {
@@ -285,6 +291,7 @@ impl Engine {
         Fut: Future<Output = T> + 'static,
         T: Send + 'static,
     {
+        Self::not_in_runtime("block_on_all")?;
         let rxs: Vec<_> = self
             .cores
             .iter()
@@ -309,6 +316,20 @@ impl Engine {
             .collect()
     }
 
+    /// Blocking the thread that drives a runtime would stall it (and, on a
+    /// core thread, deadlock the engine): refuse before submitting anything.
+    fn not_in_runtime(op: &str) -> Result<()> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "Engine::{op} blocks the thread; inside async code use run_on / run_on_all"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Stops every core and waits for the threads to end (what `Drop` does).
     pub fn shutdown(self) {}
 }
@@ -316,8 +337,13 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.cores.clear();
+        let me = std::thread::current().id();
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            // Dropped on one of its own cores: that thread cannot join
+            // itself; it ends when the task that dropped the engine returns.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
     }
 }

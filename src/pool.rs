@@ -3,19 +3,21 @@
 //!
 //! Each worker is a child process (one per core by default, pinned to it)
 //! running a loop: receive `(id, job)` on its job pipe, call the handler,
-//! send `(id, busy time, outcome)` on its result pipe. In the parent, one task
-//! per worker reads results and completes the matching `call`; when a worker
-//! dies it fails exactly the jobs that worker held with
-//! [`ErrorKind::WorkerDied`], restarts the worker, and carries on. Jobs are
-//! never retried (a job that may have run is not run twice) and never lost
-//! (every `call` ends in a result or a typed error).
+//! send `(id, busy time, outcome)` on its result pipe. In the parent, a
+//! `call` registers its job and hands the encoded frame to the worker's
+//! writer task without awaiting any I/O (so a cancelled `call` can never
+//! leave a job half-registered); one reader task per worker completes calls
+//! and, when its worker dies, fails exactly the jobs that worker held with
+//! [`ErrorKind::WorkerDied`], restarts it, and carries on. Jobs are never
+//! retried (a job that may have run is not run twice) and never lost (every
+//! `call` ends in a result or a typed error).
 
 use crate::backend::Backend;
-use crate::channel::{BytesReceiver, BytesSender, ChannelConfig, Receiver, Sender};
+use crate::channel::{BytesReceiver, BytesSender, ChannelConfig};
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Decode, Encode, OwnedMessage, encode_into};
+use crate::message::{Decode, Encode, Message, OwnedMessage, encode_into};
 use crate::process::spec::Spec;
-use crate::process::{Affinity, ExitStatus, Process, panic_message};
+use crate::process::{Affinity, Process, panic_message};
 use crate::sys;
 use rkyv::api::high::HighDeserializer;
 use rkyv::rancor;
@@ -28,24 +30,21 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
-
-/// One job on a worker's job pipe.
-#[derive(Archive, Serialize, Deserialize)]
-pub struct JobMsg<J> {
-    id: u64,
-    job: J,
-}
 
 /// What a worker process is started with.
 #[derive(Archive, Serialize, Deserialize)]
-pub struct WorkerArgs<J> {
-    jobs: Receiver<JobMsg<J>>,
+pub struct WorkerArgs {
+    /// Job frames: id (u64 LE), 8 bytes of padding, then the job's archive.
+    jobs: BytesReceiver,
     results: BytesSender,
     /// The handler's code address, as an offset (see `Spec::offset`).
     handler: i64,
 }
+
+/// Job frames start with the id and padding, so the archive stays aligned.
+const JOB_HEADER: usize = 16;
 
 /// Result frames: id, busy nanoseconds, tag, padding; then the value's
 /// archive, 16-byte aligned.
@@ -53,6 +52,7 @@ const RESULT_HEADER: usize = 32;
 const TAG_OK: u8 = 0;
 const TAG_PANIC: u8 = 1;
 const TAG_BAD_JOB: u8 = 2;
+const TAG_BAD_RESULT: u8 = 3;
 
 fn result_frame(buf: &mut Vec<u8>, id: u64, busy: Duration, tag: u8) {
     buf.clear();
@@ -82,7 +82,7 @@ impl<F: Future> Future for CatchUnwind<F> {
 
 /// The worker loop, shared by sync and async handlers: `run` turns a job
 /// into the handler's outcome.
-async fn worker_loop<J, R, Fut>(args: WorkerArgs<J>, run: impl Fn(J) -> Fut)
+async fn worker_loop<J, R, Fut>(args: WorkerArgs, run: impl Fn(J) -> Fut)
 where
     J: Decode,
     J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
@@ -97,11 +97,15 @@ where
     let mut buf = Vec::new();
     loop {
         let (id, job) = match jobs.recv().await {
-            Ok(msg) => (
-                msg.id.to_native(),
-                rkyv::deserialize::<J, rancor::Error>(&msg.job).map_err(|e| e.to_string()),
-            ),
-            Err(_) => break,
+            Ok(frame) if frame.len() >= JOB_HEADER => {
+                let id = u64::from_le_bytes(frame[0..8].try_into().expect("8 bytes"));
+                let job = Message::<J>::validate(&frame[JOB_HEADER..])
+                    .and_then(|m| m.deserialize())
+                    .map_err(|e| e.to_string());
+                (id, job)
+            }
+            // A malformed frame (not from a ringipc pool) or the pool closed.
+            _ => break,
         };
         let start = Instant::now();
         match job {
@@ -109,7 +113,7 @@ where
                 Ok(value) => {
                     result_frame(&mut buf, id, start.elapsed(), TAG_OK);
                     if let Err(e) = encode_into(&value, &mut buf) {
-                        result_frame(&mut buf, id, start.elapsed(), TAG_BAD_JOB);
+                        result_frame(&mut buf, id, start.elapsed(), TAG_BAD_RESULT);
                         buf.extend_from_slice(format!("cannot encode the result: {e}").as_bytes());
                     }
                 }
@@ -123,13 +127,20 @@ where
                 buf.extend_from_slice(format!("cannot decode the job: {e}").as_bytes());
             }
         }
-        if results.send(&buf).await.is_err() {
-            break;
+        if let Err(e) = results.send(&buf).await {
+            if e.kind() != ErrorKind::FrameTooLarge {
+                break;
+            }
+            result_frame(&mut buf, id, start.elapsed(), TAG_BAD_RESULT);
+            buf.extend_from_slice(format!("result too large: {e}").as_bytes());
+            if results.send(&buf).await.is_err() {
+                break;
+            }
         }
     }
 }
 
-async fn worker_sync<J, R>(args: WorkerArgs<J>)
+async fn worker_sync<J, R>(args: WorkerArgs)
 where
     J: Decode,
     J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
@@ -145,7 +156,7 @@ where
     .await;
 }
 
-async fn worker_async<J, R, F>(args: WorkerArgs<J>)
+async fn worker_async<J, R, F>(args: WorkerArgs)
 where
     J: Decode,
     J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
@@ -157,7 +168,7 @@ where
     worker_loop(args, |job| CatchUnwind(f(job))).await;
 }
 
-type Launcher<J> = fn(WorkerArgs<J>, &WorkerOptions) -> Result<Process<()>>;
+type Launcher = fn(WorkerArgs, &WorkerOptions) -> Result<Process<()>>;
 
 #[derive(Clone)]
 struct WorkerOptions {
@@ -166,16 +177,12 @@ struct WorkerOptions {
     backend: Backend,
 }
 
-fn launch<J, Fut>(
-    entry: fn(WorkerArgs<J>) -> Fut,
-    args: WorkerArgs<J>,
+fn launch<Fut>(
+    entry: fn(WorkerArgs) -> Fut,
+    args: WorkerArgs,
     o: &WorkerOptions,
 ) -> Result<Process<()>>
 where
-    J: Decode,
-    WorkerArgs<J>: Encode + Decode,
-    <WorkerArgs<J> as Archive>::Archived:
-        Deserialize<WorkerArgs<J>, HighDeserializer<rancor::Error>>,
     Fut: Future<Output = ()>,
 {
     Process::builder_async(entry)
@@ -190,13 +197,13 @@ where
 #[must_use]
 pub struct PoolBuilder<J, R> {
     handler: usize,
-    launcher: Launcher<J>,
+    launcher: Launcher,
     workers: Option<usize>,
     max_in_flight: usize,
     pin: bool,
     backend: Backend,
     name: String,
-    _r: PhantomData<fn() -> R>,
+    _r: PhantomData<fn(J) -> R>,
 }
 
 /// Per-worker counters, readable at run time with [`Pool::stats`].
@@ -229,32 +236,56 @@ struct State<R: Archive> {
     pending: HashMap<u64, PendingJob<R>>,
     next_id: u64,
     stats: Vec<WorkerStats>,
-    /// Workers that could not be restarted take no more jobs.
+    /// Each worker's job queue (read by its writer task); `None` while the
+    /// worker restarts and after it is dead, so no job is routed to it.
+    queues: Vec<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    /// Workers that could not be restarted (or lost their reader).
     dead: Vec<bool>,
     closing: bool,
 }
 
-struct Inner<J, R: Archive> {
-    senders: Vec<tokio::sync::Mutex<Option<Sender<JobMsg<J>>>>>,
+impl<R: Archive> State<R> {
+    /// Fails every job worker `w` holds, exactly once.
+    fn fail_worker(&mut self, w: usize, why: &str) {
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.worker == w)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            let p = self.pending.remove(&id).expect("listed above");
+            let _ = p.reply.send(Err(Error::new(
+                ErrorKind::WorkerDied,
+                format!("job {id}: {why}"),
+            )));
+            self.stats[w].jobs_failed += 1;
+        }
+        self.stats[w].in_flight = 0;
+    }
+}
+
+struct Inner<R: Archive> {
     state: Mutex<State<R>>,
     permits: Semaphore,
     /// Signalled whenever a job finishes (capacity frees up, or the pool drains).
     freed: Notify,
     max_in_flight: usize,
+    max_frame: usize,
 }
 
-impl<J, R: Archive> Inner<J, R> {
+impl<R: Archive> Inner<R> {
     fn lock(&self) -> std::sync::MutexGuard<'_, State<R>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-struct Handle<J, R: Archive> {
-    inner: Arc<Inner<J, R>>,
+struct Handle<R: Archive> {
+    inner: Arc<Inner<R>>,
     readers: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl<J, R: Archive> Drop for Handle<J, R> {
+impl<R: Archive> Drop for Handle<R> {
     fn drop(&mut self) {
         // Without `shutdown`, dropping the pool kills its workers: the reader
         // tasks own the worker processes, whose handles kill on drop.
@@ -270,16 +301,17 @@ impl<J, R: Archive> Drop for Handle<J, R> {
 }
 
 /// A pool of pinned worker processes with backpressure and crash recovery
-/// (see `docs/architecture.md`). Cloning it is
-/// cheap and shares the workers.
+/// (see `docs/architecture.md`). Cloning it is cheap and shares the workers.
 pub struct Pool<J, R: Archive> {
-    handle: Arc<Handle<J, R>>,
+    handle: Arc<Handle<R>>,
+    _j: PhantomData<fn(J)>,
 }
 
 impl<J, R: Archive> Clone for Pool<J, R> {
     fn clone(&self) -> Self {
         Pool {
             handle: self.handle.clone(),
+            _j: PhantomData,
         }
     }
 }
@@ -291,9 +323,6 @@ impl Pool<(), ()> {
         J: Encode + Decode,
         J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
         R: Encode + Decode,
-        WorkerArgs<J>: Encode + Decode,
-        <WorkerArgs<J> as Archive>::Archived:
-            Deserialize<WorkerArgs<J>, HighDeserializer<rancor::Error>>,
     {
         PoolBuilder::new(handler as usize, |a, o| launch(worker_sync::<J, R>, a, o))
     }
@@ -305,9 +334,6 @@ impl Pool<(), ()> {
         J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
         R: Encode + Decode,
         F: Future<Output = R>,
-        WorkerArgs<J>: Encode + Decode,
-        <WorkerArgs<J> as Archive>::Archived:
-            Deserialize<WorkerArgs<J>, HighDeserializer<rancor::Error>>,
     {
         PoolBuilder::new(handler as usize, |a, o| {
             launch(worker_async::<J, R, F>, a, o)
@@ -316,7 +342,7 @@ impl Pool<(), ()> {
 }
 
 impl<J, R> PoolBuilder<J, R> {
-    fn new(handler: usize, launcher: Launcher<J>) -> Self {
+    fn new(handler: usize, launcher: Launcher) -> Self {
         PoolBuilder {
             handler,
             launcher,
@@ -361,16 +387,16 @@ impl<J, R> PoolBuilder<J, R> {
     }
 }
 
-struct WorkerSpawner<J> {
-    launcher: Launcher<J>,
+struct WorkerSpawner {
+    launcher: Launcher,
     handler: i64,
     cfg: ChannelConfig,
     opts: WorkerOptions,
 }
 
-impl<J> WorkerSpawner<J> {
-    fn spawn(&self) -> Result<(Process<()>, Sender<JobMsg<J>>, BytesReceiver)> {
-        let (job_tx, job_rx) = self.cfg.pipe::<JobMsg<J>>()?;
+impl WorkerSpawner {
+    fn spawn(&self) -> Result<(Process<()>, BytesSender, BytesReceiver)> {
+        let (job_tx, job_rx) = self.cfg.bytes_pipe()?;
         let (res_tx, res_rx) = self.cfg.bytes_pipe()?;
         let args = WorkerArgs {
             jobs: job_rx,
@@ -382,21 +408,47 @@ impl<J> WorkerSpawner<J> {
     }
 }
 
+/// Writes worker `w`'s job frames, coalescing whatever queued up into one
+/// write. On a write error it asks the reader to kill the worker (which is
+/// then restarted), so a worker that cannot take jobs does not linger.
+async fn writer(
+    mut tx: BytesSender,
+    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+    failed: Arc<Notify>,
+) {
+    while let Some(frame) = queue.recv().await {
+        let mut r = tx.feed(&frame).await;
+        while r.is_ok() {
+            match queue.try_recv() {
+                Ok(frame) => r = tx.feed(&frame).await,
+                Err(_) => break,
+            }
+        }
+        if r.is_ok() {
+            r = tx.flush().await;
+        }
+        if r.is_err() {
+            failed.notify_one();
+            return;
+        }
+    }
+}
+
 impl<J, R> PoolBuilder<J, R>
 where
     J: Send + 'static,
     R: Decode + Send + 'static,
 {
     /// Starts the workers. Must run inside a tokio runtime, which also runs
-    /// the pool's result readers: keep that runtime going while the pool is
-    /// in use (callers may be on other threads or engine cores).
+    /// the pool's reader and writer tasks: keep that runtime going while the
+    /// pool is in use (callers may be on other threads or engine cores). If
+    /// it stops, calls fail with [`ErrorKind::WorkerDied`] instead of hanging.
     pub async fn build(self) -> Result<Pool<J, R>> {
         let cores = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
         let n = self.workers.unwrap_or(cores.len()).max(1);
         let backend = self.backend.resolve()?;
         let cfg = ChannelConfig::new().backend(backend);
-        let mut spawned = Vec::with_capacity(n);
-        let mut spawners = Vec::with_capacity(n);
+        let mut started = Vec::with_capacity(n);
         for i in 0..n {
             let core = self.pin.then(|| cores[i % cores.len()]);
             let spawner = WorkerSpawner {
@@ -409,41 +461,50 @@ where
                     backend,
                 },
             };
-            spawned.push((spawner.spawn()?, core));
-            spawners.push(spawner);
+            // On error, the workers started so far are killed as `started` drops.
+            let (proc, job_tx, res_rx) = spawner.spawn()?;
+            started.push((proc, job_tx, res_rx, spawner, core));
         }
-        let mut senders = Vec::with_capacity(n);
         let mut stats = Vec::with_capacity(n);
+        let mut queues = Vec::with_capacity(n);
         let mut rest = Vec::with_capacity(n);
-        for (i, ((proc, tx, rx), core)) in spawned.into_iter().enumerate() {
+        for (i, (proc, job_tx, res_rx, spawner, core)) in started.into_iter().enumerate() {
             stats.push(WorkerStats {
                 worker: i,
                 pid: proc.pid(),
                 core,
                 ..Default::default()
             });
-            senders.push(tokio::sync::Mutex::new(Some(tx)));
-            rest.push((proc, rx));
+            let (qtx, qrx) = mpsc::unbounded_channel();
+            let failed = Arc::new(Notify::new());
+            tokio::spawn(writer(job_tx, qrx, failed.clone()));
+            queues.push(Some(qtx));
+            rest.push((proc, res_rx, spawner, failed));
         }
         let inner = Arc::new(Inner {
-            senders,
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 next_id: 0,
                 stats,
+                queues,
                 dead: vec![false; n],
                 closing: false,
             }),
             permits: Semaphore::new(n * self.max_in_flight),
             freed: Notify::new(),
             max_in_flight: self.max_in_flight,
+            max_frame: crate::framing::DEFAULT_MAX_FRAME,
         });
         let readers = rest
             .into_iter()
-            .zip(spawners)
             .enumerate()
-            .map(|(i, ((proc, rx), spawner))| {
-                tokio::spawn(reader(inner.clone(), i, proc, rx, spawner))
+            .map(|(w, (proc, rx, spawner, failed))| {
+                let guard = ReaderGuard {
+                    inner: inner.clone(),
+                    w,
+                    armed: true,
+                };
+                tokio::spawn(reader(guard, proc, rx, spawner, failed))
             })
             .collect();
         Ok(Pool {
@@ -451,6 +512,7 @@ where
                 inner,
                 readers: Mutex::new(readers),
             }),
+            _j: PhantomData,
         })
     }
 }
@@ -471,6 +533,7 @@ fn decode_result<R: Decode>(
         payload[8..16].try_into().expect("8 bytes"),
     ));
     let data = &payload[RESULT_HEADER..];
+    let text = || String::from_utf8_lossy(data);
     let r = match payload[16] {
         TAG_OK => {
             let mut v = AlignedVec::<16>::with_capacity(data.len());
@@ -479,92 +542,130 @@ fn decode_result<R: Decode>(
         }
         TAG_PANIC => Err(Error::new(
             ErrorKind::Panicked,
-            format!(
-                "job {id} panicked in worker {worker}: {}",
-                String::from_utf8_lossy(data)
-            ),
+            format!("job {id} panicked in worker {worker}: {}", text()),
+        )),
+        TAG_BAD_RESULT => Err(Error::new(
+            ErrorKind::Serialize,
+            format!("job {id} in worker {worker}: {}", text()),
         )),
         _ => Err(Error::new(
             ErrorKind::InvalidMessage,
-            format!(
-                "job {id} failed in worker {worker}: {}",
-                String::from_utf8_lossy(data)
-            ),
+            format!("job {id} failed in worker {worker}: {}", text()),
         )),
     };
     (id, busy, r)
 }
 
-/// Reads worker `w`'s results, completes calls, and restarts the worker when it dies.
-async fn reader<J, R>(
-    inner: Arc<Inner<J, R>>,
+/// Fails worker `w`'s jobs and retires it if its reader task ends any way
+/// other than an orderly shutdown (its runtime was dropped, say), so no
+/// `call` waits forever on a reader that is gone.
+struct ReaderGuard<R: Archive> {
+    inner: Arc<Inner<R>>,
     w: usize,
+    armed: bool,
+}
+
+impl<R: Archive> Drop for ReaderGuard<R> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.inner.lock();
+            let w = self.w;
+            st.fail_worker(
+                w,
+                &format!("worker {w}'s reader stopped (the runtime that built the pool is gone?)"),
+            );
+            st.queues[w] = None;
+            st.dead[w] = true;
+            drop(st);
+            self.inner.freed.notify_waiters();
+        }
+    }
+}
+
+/// Reads worker `w`'s results, completes calls, and restarts the worker when it dies.
+///
+/// The guard is an argument, not made inside: a task that is dropped before
+/// it first runs (its runtime went away) must still fail its worker's jobs.
+async fn reader<R: Decode>(
+    mut guard: ReaderGuard<R>,
     mut proc: Process<()>,
     mut rx: BytesReceiver,
-    spawner: WorkerSpawner<J>,
-) where
-    R: Decode,
-{
+    spawner: WorkerSpawner,
+    mut writer_failed: Arc<Notify>,
+) {
+    let inner = guard.inner.clone();
+    let w = guard.w;
+    let mut started = Instant::now();
+    let mut quick_deaths = 0u32;
     loop {
         let end = loop {
-            match rx.recv().await {
-                Ok(payload) => {
-                    let (id, busy, result) = decode_result::<R>(payload, w);
-                    let mut st = inner.lock();
-                    let stats = &mut st.stats[w];
-                    stats.busy += busy;
-                    match &result {
-                        Ok(_) => stats.jobs_done += 1,
-                        Err(_) => stats.jobs_failed += 1,
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(payload) => {
+                        let (id, busy, result) = decode_result::<R>(payload, w);
+                        let mut st = inner.lock();
+                        if let Some(p) = st.pending.remove(&id) {
+                            let stats = &mut st.stats[w];
+                            stats.busy += busy;
+                            match &result {
+                                Ok(_) => stats.jobs_done += 1,
+                                Err(_) => stats.jobs_failed += 1,
+                            }
+                            stats.in_flight = stats.in_flight.saturating_sub(1);
+                            let _ = p.reply.send(result);
+                        }
+                        drop(st);
+                        inner.freed.notify_waiters();
                     }
-                    stats.in_flight = stats.in_flight.saturating_sub(1);
-                    if let Some(p) = st.pending.remove(&id) {
-                        let _ = p.reply.send(result);
-                    }
-                    drop(st);
-                    inner.freed.notify_waiters();
+                    Err(e) => break e,
+                },
+                () = writer_failed.notified() => {
+                    // The job pipe broke while the worker lives: kill it so
+                    // the restart below gives it a working pipe.
+                    let _ = proc.kill();
                 }
-                Err(e) => break e,
             }
         };
-        let status = proc.join_timeout(Duration::from_secs(5)).await;
-        if inner.lock().closing && matches!(status, Ok(ExitStatus::Code(0))) {
-            return;
-        }
+        let status = match proc.join_timeout(Duration::from_secs(5)).await {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                let _ = proc.kill();
+                proc.join().await
+            }
+        };
         let cause = match &status {
             Ok(s) => format!("{s}"),
             Err(e) => format!("{e} (result pipe: {end})"),
         };
-        let worker_name = format!("worker {w} (pid {})", proc.pid());
-        tracing::warn!(worker = w, pid = proc.pid(), %cause, "pool worker died");
-        {
+        let closing = {
             let mut st = inner.lock();
-            let lost: Vec<u64> = st
-                .pending
-                .iter()
-                .filter(|(_, p)| p.worker == w)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in lost {
-                let p = st.pending.remove(&id).expect("listed above");
-                let _ = p.reply.send(Err(Error::new(
-                    ErrorKind::WorkerDied,
-                    format!("job {id}: {worker_name} died ({cause}) while holding it"),
-                )));
-                st.stats[w].jobs_failed += 1;
-            }
-            st.stats[w].in_flight = 0;
-        }
+            let why = format!(
+                "worker {w} (pid {}) died ({cause}) while holding it",
+                proc.pid()
+            );
+            st.fail_worker(w, &why);
+            st.queues[w] = None;
+            st.closing
+        };
         inner.freed.notify_waiters();
-        if inner.lock().closing {
+        if closing {
+            guard.armed = false;
             return;
         }
-        // Restart, with a short back-off if the start itself fails.
+        tracing::warn!(worker = w, pid = proc.pid(), %cause, "pool worker died; restarting");
+        // A worker that dies right after starting would otherwise be
+        // restarted in a tight loop: back off.
+        if started.elapsed() < Duration::from_secs(1) {
+            quick_deaths += 1;
+            tokio::time::sleep(Duration::from_millis(25 << quick_deaths.min(6))).await;
+        } else {
+            quick_deaths = 0;
+        }
         let mut attempt = 0;
-        let (new_proc, tx, new_rx) = loop {
+        let (new_proc, job_tx, new_rx) = loop {
             match spawner.spawn() {
                 Ok(parts) => break parts,
-                Err(e) if attempt < 5 => {
+                Err(e) if attempt < 5 && !inner.lock().closing => {
                     tracing::warn!(worker = w, error = %e, "restarting pool worker failed; retrying");
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -572,27 +673,36 @@ async fn reader<J, R>(
                 Err(e) => {
                     tracing::error!(worker = w, error = %e, "pool worker could not be restarted");
                     inner.lock().dead[w] = true;
-                    *inner.senders[w].lock().await = None;
                     inner.freed.notify_waiters();
+                    guard.armed = false;
                     return;
                 }
             }
         };
-        *inner.senders[w].lock().await = Some(tx);
+        let (qtx, qrx) = mpsc::unbounded_channel();
         {
             let mut st = inner.lock();
+            if st.closing {
+                // Shut down while restarting: the new worker is killed as it drops.
+                guard.armed = false;
+                return;
+            }
+            st.queues[w] = Some(qtx);
             st.stats[w].restarts += 1;
             st.stats[w].pid = new_proc.pid();
         }
+        writer_failed = Arc::new(Notify::new());
+        tokio::spawn(writer(job_tx, qrx, writer_failed.clone()));
+        inner.freed.notify_waiters();
         proc = new_proc;
         rx = new_rx;
+        started = Instant::now();
     }
 }
 
 impl<J, R> Pool<J, R>
 where
     J: Encode + Send + 'static,
-    JobMsg<J>: Encode,
     R: Decode + Send + 'static,
 {
     /// Runs `job` on a worker and returns its result, validated and owned.
@@ -600,36 +710,64 @@ where
     /// Waits while every worker already has `max_in_flight` jobs. A job that
     /// panics is [`ErrorKind::Panicked`] (the worker lives on); a worker that
     /// dies fails its jobs with [`ErrorKind::WorkerDied`]; a closed pool is
-    /// [`ErrorKind::Closed`].
+    /// [`ErrorKind::Closed`]. Cancelling the future is safe: the job may
+    /// still run, its result is dropped, and its slot is freed when it ends.
     pub async fn call(&self, job: J) -> Result<OwnedMessage<R>> {
-        let inner = &self.handle.inner;
-        let _permit = inner
+        let frame = self.encode(job)?;
+        let _permit = self
+            .handle
+            .inner
             .permits
             .acquire()
             .await
             .map_err(|_| Error::new(ErrorKind::Closed, "pool is shut down"))?;
-        self.dispatch(job).await
+        self.dispatch(frame, true).await
     }
 
     /// Like [`Pool::call`], but fails at once with [`ErrorKind::Busy`] when
-    /// every worker is full.
+    /// no worker has room.
     pub async fn try_call(&self, job: J) -> Result<OwnedMessage<R>> {
-        let inner = &self.handle.inner;
-        let _permit = inner.permits.try_acquire().map_err(|e| match e {
-            tokio::sync::TryAcquireError::NoPermits => {
-                Error::new(ErrorKind::Busy, "pool is saturated")
-            }
-            tokio::sync::TryAcquireError::Closed => {
-                Error::new(ErrorKind::Closed, "pool is shut down")
-            }
-        })?;
-        self.dispatch(job).await
+        let frame = self.encode(job)?;
+        let _permit = self
+            .handle
+            .inner
+            .permits
+            .try_acquire()
+            .map_err(|e| match e {
+                tokio::sync::TryAcquireError::NoPermits => {
+                    Error::new(ErrorKind::Busy, "pool is saturated")
+                }
+                tokio::sync::TryAcquireError::Closed => {
+                    Error::new(ErrorKind::Closed, "pool is shut down")
+                }
+            })?;
+        self.dispatch(frame, false).await
     }
 
-    /// Picks the least-loaded worker with room, registers the job and sends it.
-    async fn dispatch(&self, job: J) -> Result<OwnedMessage<R>> {
+    /// The job frame: room for the id, then the job's archive (16-byte
+    /// aligned). Encoding errors reach the caller before anything is registered.
+    fn encode(&self, job: J) -> Result<Vec<u8>> {
+        let mut frame = vec![0u8; JOB_HEADER];
+        encode_into(&job, &mut frame)?;
+        let max = self.handle.inner.max_frame;
+        if frame.len() > max {
+            return Err(Error::new(
+                ErrorKind::FrameTooLarge,
+                format!(
+                    "job of {} bytes exceeds the limit of {max} bytes",
+                    frame.len()
+                ),
+            ));
+        }
+        Ok(frame)
+    }
+
+    /// Registers the job with the least-loaded worker that has room and
+    /// queues it for that worker's writer, in one step under the lock: no
+    /// await sits between the two, so a cancelled call cannot leak a slot.
+    async fn dispatch(&self, mut frame: Vec<u8>, wait: bool) -> Result<OwnedMessage<R>> {
         let inner = &self.handle.inner;
-        let (w, id, rx) = loop {
+        let rx = loop {
             let freed = inner.freed.notified();
             {
                 let mut st = inner.lock();
@@ -637,21 +775,34 @@ where
                     return Err(Error::new(ErrorKind::Closed, "pool is shutting down"));
                 }
                 let pick = (0..st.stats.len())
-                    .filter(|&w| !st.dead[w] && st.stats[w].in_flight < inner.max_in_flight)
+                    .filter(|&w| {
+                        st.queues[w].is_some() && st.stats[w].in_flight < inner.max_in_flight
+                    })
                     .min_by_key(|&w| st.stats[w].in_flight);
                 if let Some(w) = pick {
                     let id = st.next_id;
                     st.next_id += 1;
-                    st.stats[w].in_flight += 1;
-                    let (tx, rx) = oneshot::channel();
-                    st.pending.insert(
-                        id,
-                        PendingJob {
-                            worker: w,
-                            reply: tx,
-                        },
-                    );
-                    break (w, id, rx);
+                    frame[0..8].copy_from_slice(&id.to_le_bytes());
+                    match st.queues[w].as_ref().expect("picked").send(frame) {
+                        Ok(()) => {
+                            st.stats[w].in_flight += 1;
+                            let (tx, rx) = oneshot::channel();
+                            st.pending.insert(
+                                id,
+                                PendingJob {
+                                    worker: w,
+                                    reply: tx,
+                                },
+                            );
+                            break rx;
+                        }
+                        Err(mpsc::error::SendError(back)) => {
+                            // Its writer is gone; the reader is restarting it.
+                            frame = back;
+                            st.queues[w] = None;
+                            continue;
+                        }
+                    }
                 }
                 if st.dead.iter().all(|&d| d) {
                     return Err(Error::new(
@@ -659,52 +810,18 @@ where
                         "every pool worker is dead",
                     ));
                 }
+                if !wait {
+                    return Err(Error::new(ErrorKind::Busy, "no pool worker has room"));
+                }
             }
-            // Every worker is full of jobs whose callers gave up: wait.
+            // Every live worker is full (of jobs whose callers may have given
+            // up) or restarting: wait for a slot.
             freed.await;
         };
-        let sent = {
-            let mut guard = inner.senders[w].lock().await;
-            match guard.as_mut() {
-                Some(tx) => {
-                    // Encode before awaiting, so the job is not held across
-                    // the write (and need not be `Sync`).
-                    let queued = tx.queue(&JobMsg { id, job });
-                    match queued {
-                        Ok(()) => tx.flush().await,
-                        Err(e) => Err(e),
-                    }
-                }
-                None => Err(Error::new(
-                    ErrorKind::WorkerDied,
-                    format!("worker {w} is gone"),
-                )),
-            }
-        };
-        if let Err(e) = sent {
-            // The job did not reach the worker (it died under us, or the job
-            // would not encode). Unless the worker's reader already failed
-            // this job, fail it here: exactly once either way.
-            let mut st = inner.lock();
-            if st.pending.remove(&id).is_some() {
-                st.stats[w].in_flight = st.stats[w].in_flight.saturating_sub(1);
-                st.stats[w].jobs_failed += 1;
-                drop(st);
-                inner.freed.notify_waiters();
-                return Err(match e.kind() {
-                    ErrorKind::Closed | ErrorKind::Io => Error::new(
-                        ErrorKind::WorkerDied,
-                        format!("job {id}: worker {w} is gone"),
-                    )
-                    .with_source(e),
-                    _ => e,
-                });
-            }
-        }
         rx.await.unwrap_or_else(|_| {
             Err(Error::new(
                 ErrorKind::WorkerDied,
-                format!("job {id}: worker {w} reader stopped"),
+                "the pool stopped before the job finished",
             ))
         })
     }
@@ -716,7 +833,8 @@ where
         I: IntoIterator<Item = J>,
         I::IntoIter: Send + 'static,
     {
-        let window = self.handle.inner.senders.len() * self.handle.inner.max_in_flight;
+        let inner = &self.handle.inner;
+        let window = inner.lock().stats.len() * inner.max_in_flight;
         MapResults {
             pool: self.clone(),
             jobs: Box::new(jobs.into_iter()),
@@ -738,8 +856,10 @@ where
             freed.await;
         }
         inner.permits.close();
-        for s in &inner.senders {
-            *s.lock().await = None;
+        // Closing the job queues ends the writers, which closes the job
+        // pipes; the workers then exit and their readers return.
+        for q in inner.lock().queues.iter_mut() {
+            *q = None;
         }
         let readers: Vec<_> = self
             .handle
@@ -763,7 +883,7 @@ impl<J, R: Archive> Pool<J, R> {
 
     /// The number of workers.
     pub fn workers(&self) -> usize {
-        self.handle.inner.senders.len()
+        self.handle.inner.lock().stats.len()
     }
 }
 
@@ -778,7 +898,6 @@ pub struct MapResults<J, R: Archive> {
 impl<J, R> MapResults<J, R>
 where
     J: Encode + Send + 'static,
-    JobMsg<J>: Encode,
     R: Decode + Send + 'static,
 {
     /// The next result, in job order; `None` after the last.
@@ -791,10 +910,21 @@ where
         }
         let h = self.queue.pop_front()?;
         Some(h.await.unwrap_or_else(|e| {
-            Err(Error::new(
-                ErrorKind::Panicked,
-                format!("pool call task: {e}"),
-            ))
+            let kind = if e.is_panic() {
+                ErrorKind::Panicked
+            } else {
+                ErrorKind::Closed
+            };
+            Err(Error::new(kind, format!("pool call task: {e}")))
         }))
+    }
+}
+
+impl<J, R: Archive> Drop for MapResults<J, R> {
+    fn drop(&mut self) {
+        // Calls not yet collected are cancelled (their jobs may still run).
+        for h in self.queue.drain(..) {
+            h.abort();
+        }
     }
 }

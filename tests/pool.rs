@@ -336,6 +336,65 @@ fn pool_shutdown_drains_in_flight(b: Backend) {
     });
 }
 
+fn engine_panic_before_the_future(b: Backend) {
+    let engine = Engine::builder().backend(b).build().unwrap();
+    let core = engine.cores()[0];
+    let make = || -> std::future::Ready<()> { panic!("panicked while building the future") };
+    let e = common::block_on(engine.run_on(core, make)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Panicked, "{e}");
+    assert_eq!(engine.block_on(|| async { 1 }).unwrap(), 1, "the core died");
+    // Blocking inside async code is refused, not a deadlock.
+    let e = common::block_on(async { engine.block_on(|| async {}) }).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+}
+
+/// Calls abandoned by a timeout free their slots once their jobs end, and
+/// the pool still serves and shuts down.
+fn pool_cancelled_calls_do_not_leak(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(1)
+            .max_in_flight(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            let r = tokio::time::timeout(Duration::from_millis(1), pool.call(20)).await;
+            assert!(r.is_err(), "a 20 ms job answered within 1 ms");
+        }
+        let v = tokio::time::timeout(Duration::from_secs(10), pool.call(1))
+            .await
+            .expect("pool hung");
+        assert_eq!(v.unwrap().to_native(), 1);
+        let t = Instant::now();
+        while pool.stats()[0].in_flight > 0 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(pool.stats()[0].in_flight, 0, "slots leaked");
+        tokio::time::timeout(Duration::from_secs(10), pool.shutdown())
+            .await
+            .expect("shutdown hung")
+            .unwrap();
+    });
+}
+
+/// A pool whose runtime is gone fails calls instead of hanging them.
+fn pool_outliving_its_runtime_fails_calls(b: Backend) {
+    let pool = std::thread::spawn(move || {
+        common::block_on(Pool::builder(square).workers(1).backend(b).build()).unwrap()
+    })
+    .join()
+    .unwrap();
+    common::block_on(async {
+        let r = tokio::time::timeout(Duration::from_secs(10), pool.call(3))
+            .await
+            .expect("call hung");
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -354,6 +413,18 @@ fn main() {
         (
             "pool_shutdown_drains_in_flight",
             pool_shutdown_drains_in_flight,
+        ),
+        (
+            "engine_panic_before_the_future",
+            engine_panic_before_the_future,
+        ),
+        (
+            "pool_cancelled_calls_do_not_leak",
+            pool_cancelled_calls_do_not_leak,
+        ),
+        (
+            "pool_outliving_its_runtime_fails_calls",
+            pool_outliving_its_runtime_fails_calls,
         ),
     ]);
 }
