@@ -217,7 +217,8 @@ pub struct WorkerStats {
     pub core: Option<usize>,
     /// Jobs that returned a value.
     pub jobs_done: u64,
-    /// Jobs that panicked, could not be decoded, or were lost with the worker.
+    /// Jobs that failed: panicked, could not be decoded or encoded, returned
+    /// an invalid result, or were lost with the worker.
     pub jobs_failed: u64,
     /// How often the worker was restarted after dying.
     pub restarts: u64,
@@ -617,7 +618,11 @@ async fn reader<R: Decode>(
                         drop(st);
                         inner.freed.notify_waiters();
                     }
-                    Err(e) => break e,
+                    Err(e) => {
+                        // No more jobs for this worker while it is dying.
+                        inner.lock().queues[w] = None;
+                        break e;
+                    }
                 },
                 () = writer_failed.notified() => {
                     // The job pipe broke while the worker lives: kill it so
@@ -654,10 +659,14 @@ async fn reader<R: Decode>(
         }
         tracing::warn!(worker = w, pid = proc.pid(), %cause, "pool worker died; restarting");
         // A worker that dies right after starting would otherwise be
-        // restarted in a tight loop: back off.
+        // restarted in a tight loop: back off (unless the pool is closing).
         if started.elapsed() < Duration::from_secs(1) {
             quick_deaths += 1;
             tokio::time::sleep(Duration::from_millis(25 << quick_deaths.min(6))).await;
+            if inner.lock().closing {
+                guard.armed = false;
+                return;
+            }
         } else {
             quick_deaths = 0;
         }
@@ -683,7 +692,10 @@ async fn reader<R: Decode>(
         {
             let mut st = inner.lock();
             if st.closing {
-                // Shut down while restarting: the new worker is killed as it drops.
+                // Shut down while restarting: the new worker is killed as it
+                // drops, and callers waiting for room learn the pool closed.
+                drop(st);
+                inner.freed.notify_waiters();
                 guard.armed = false;
                 return;
             }
@@ -848,6 +860,8 @@ where
     pub async fn shutdown(self) -> Result<()> {
         let inner = self.handle.inner.clone();
         inner.lock().closing = true;
+        // Callers waiting for room re-check and get Closed.
+        inner.freed.notify_waiters();
         loop {
             let freed = inner.freed.notified();
             if inner.lock().pending.is_empty() {
