@@ -19,7 +19,7 @@
 //!    against `std::process::Command` running `/bin/true`, with two rows
 //!    between them that show where the time goes: exec'ing this binary
 //!    with nothing to do, and the same through std's fork path, which any
-//!    `pre_exec` hook (ringipc has one) selects;
+//!    `pre_exec` hook selects (ringipc avoids it with `posix_spawn`);
 //! 4. pool job throughput for a tiny job and a CPU-bound job calibrated to
 //!    about a millisecond here, with one worker and one worker per core.
 //!
@@ -472,7 +472,8 @@ enum Starter {
     /// `ringipc::init()`: exec'ing this binary, with no ringipc work in it.
     SelfExec,
     /// The same with an empty `pre_exec` hook, which makes std fork the
-    /// parent instead of using its vfork-style spawn, as ringipc's hook does.
+    /// parent instead of using its vfork-style spawn (what ringipc avoids by
+    /// calling `posix_spawn` itself).
     SelfExecFork,
     /// `Command::new("/bin/true").status()`.
     BinTrue,
@@ -1436,7 +1437,7 @@ fn print_child_start(r: &Report, plan: &Plan) {
         "   exec self: Command::new(\"/proc/self/exe\").status() returning right after ringipc::init() (this binary's exec cost)"
     );
     println!(
-        "   exec self, fork: the same with an empty pre_exec hook, so std forks the parent as it does for ringipc's hook"
+        "   exec self, fork: the same with an empty pre_exec hook, so std forks the parent (ringipc uses posix_spawn instead)"
     );
     println!("   /bin/true: Command::new(\"/bin/true\").status()");
     if let Some(kib) = r.child_start_parent_rss_kib {

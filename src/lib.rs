@@ -83,7 +83,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use message::{Decode, Encode, Message, OwnedMessage};
 pub use pool::{MapResults, Pool, PoolBuilder, WorkerStats};
 pub use process::{
-    Affinity, ArchivedHandoffState, EXIT_PANIC, EXIT_START_FAILED, ExitStatus, HandoffResolver,
-    HandoffState, OnDrop, Process, ProcessBuilder, init, join_all, join_any, spawn, spawn_async,
+    Affinity, ArchivedHandoffState, ChildStdio, EXIT_PANIC, EXIT_START_FAILED, ExitStatus,
+    HandoffResolver, HandoffState, OnDrop, Process, ProcessBuilder, init, join_all, join_any,
+    spawn, spawn_async,
 };
 pub use rkyv;

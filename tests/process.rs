@@ -191,6 +191,13 @@ async fn recv_forever(mut rx: Receiver<Vec<u8>>) {
     tokio::time::sleep(Duration::from_secs(60)).await;
 }
 
+fn hello_stdout(_: ()) {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    write!(out, "hello from the child").unwrap();
+    out.flush().unwrap();
+}
+
 async fn recv_rest(mut rx: Receiver<u32>) -> Vec<u32> {
     let mut v = Vec::new();
     while let Ok(m) = rx.recv().await {
@@ -481,6 +488,10 @@ fn only_passed_fds_are_inherited(b: Backend) {
     common::block_on(async {
         let path = std::env::temp_dir().join(format!("ringipc-fdtest-{}", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
+        // A descriptor without close-on-exec, as C code might leave one.
+        // SAFETY: dup of an open fd; closed below.
+        let leaky = unsafe { libc::dup(std::os::fd::AsRawFd::as_raw_fd(&file)) };
+        assert!(leaky >= 0);
         let (other_r, _other_w) = std::io::pipe().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let before = pipe_inodes();
@@ -522,6 +533,8 @@ fn only_passed_fds_are_inherited(b: Backend) {
         });
         assert_eq!(pipes.count(), 2, "unexpected pipes in the child: {text}");
         drop((file, listener, tx));
+        // SAFETY: closing the fd dup'ed above, owned by nobody else.
+        unsafe { libc::close(leaky) };
         let _ = std::fs::remove_file(path);
     });
 }
@@ -766,6 +779,23 @@ fn child_killed_mid_stream(b: Backend) {
     });
 }
 
+fn piped_stdout(b: Backend) {
+    common::block_on(async {
+        let mut p = Process::builder(hello_stdout)
+            .arg(())
+            .stdout(ringipc::ChildStdio::Piped)
+            .stdin(ringipc::ChildStdio::Null)
+            .backend(b)
+            .start()
+            .unwrap();
+        let mut out = p.take_stdout().expect("piped stdout");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut out, &mut text).unwrap();
+        assert_eq!(text, "hello from the child");
+        assert!(p.join().await.unwrap().success());
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -806,5 +836,6 @@ fn main() {
             buffered_receiver_handed_over,
         ),
         ("child_killed_mid_stream", child_killed_mid_stream),
+        ("piped_stdout", piped_stdout),
     ]);
 }

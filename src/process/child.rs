@@ -80,9 +80,9 @@ fn run(spec_fd: Option<RawFd>) -> Result<i32, String> {
     let fds: Vec<RawFd> = spec.fds.iter().map(|f| f.to_native()).collect();
     let mut keep = fds.clone();
     keep.push(control_fd);
-    // Only the handles passed stay open. The parent marked every other fd
-    // close-on-exec before exec (CLOSE_RANGE_CLOEXEC, Linux 5.11+); on older
-    // kernels whatever leaked across exec is closed here, unless `init` was
+    // Only the handles passed stay open: fds the parent opened with
+    // close-on-exec (all of Rust's and ringipc's) are gone already, and
+    // whatever else leaked across exec is closed here, unless `init` was
     // called inside a runtime whose own fds must not be closed under it.
     let in_runtime = tokio::runtime::Handle::try_current().is_ok();
     if !in_runtime {
@@ -102,12 +102,19 @@ fn run(spec_fd: Option<RawFd>) -> Result<i32, String> {
         .collect();
 
     if spec.die_with_parent {
-        // PR_SET_PDEATHSIG was set before exec; if the parent died before
-        // that, we were already reparented and must not run on.
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        // If the parent died before that, we were already reparented and
+        // the signal will never come: do not run on.
         // SAFETY: getppid has no preconditions.
         if unsafe { libc::getppid() } != spec.parent_pid.to_native() {
             return Ok(EXIT_START_FAILED);
         }
+    }
+    if !spec.cpus.is_empty() {
+        let cpus: Vec<usize> = spec.cpus.iter().map(|c| c.to_native() as usize).collect();
+        sys::set_affinity(&sys::cpu_set(&cpus))
+            .map_err(|e| format!("pinning to cores {cpus:?}: {e}"))?;
     }
     if !spec.name.is_empty() {
         sys::set_thread_name(&spec.name);

@@ -28,14 +28,14 @@ use rkyv::api::high::HighDeserializer;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use spec::{CHILD_ENV, Outcome, Spec};
+use std::ffi::CString;
 use std::ffi::OsString;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
-use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -75,6 +75,33 @@ impl Affinity {
             ));
         }
         Ok(Some(want))
+    }
+}
+
+/// Where a child's stdin, stdout or stderr goes.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub enum ChildStdio {
+    /// The parent's (the default).
+    #[default]
+    Inherit,
+    /// `/dev/null`.
+    Null,
+    /// A new pipe; the parent's end comes from `Process::take_stdin` and friends.
+    Piped,
+    /// This fd (a file, a socket, one end of a pipe).
+    Fd(OwnedFd),
+}
+
+impl From<OwnedFd> for ChildStdio {
+    fn from(fd: OwnedFd) -> Self {
+        ChildStdio::Fd(fd)
+    }
+}
+
+impl From<std::fs::File> for ChildStdio {
+    fn from(f: std::fs::File) -> Self {
+        ChildStdio::Fd(f.into())
     }
 }
 
@@ -265,9 +292,9 @@ pub struct ProcessBuilder<A, R> {
     envs: Vec<(OsString, Option<OsString>)>,
     cwd: Option<PathBuf>,
     die_with_parent: bool,
-    stdin: Option<Stdio>,
-    stdout: Option<Stdio>,
-    stderr: Option<Stdio>,
+    stdin: ChildStdio,
+    stdout: ChildStdio,
+    stderr: ChildStdio,
     backend: Backend,
     on_drop: OnDrop,
     _r: PhantomData<fn() -> R>,
@@ -284,9 +311,9 @@ impl<A, R> ProcessBuilder<A, R> {
             envs: Vec::new(),
             cwd: None,
             die_with_parent: true,
-            stdin: None,
-            stdout: None,
-            stderr: None,
+            stdin: ChildStdio::Inherit,
+            stdout: ChildStdio::Inherit,
+            stderr: ChildStdio::Inherit,
             backend: Backend::Auto,
             on_drop: OnDrop::Kill,
             _r: PhantomData,
@@ -339,20 +366,20 @@ impl<A, R> ProcessBuilder<A, R> {
     }
 
     /// The child's stdin (default: inherited).
-    pub fn stdin(mut self, cfg: impl Into<Stdio>) -> Self {
-        self.stdin = Some(cfg.into());
+    pub fn stdin(mut self, cfg: impl Into<ChildStdio>) -> Self {
+        self.stdin = cfg.into();
         self
     }
 
     /// The child's stdout (default: inherited).
-    pub fn stdout(mut self, cfg: impl Into<Stdio>) -> Self {
-        self.stdout = Some(cfg.into());
+    pub fn stdout(mut self, cfg: impl Into<ChildStdio>) -> Self {
+        self.stdout = cfg.into();
         self
     }
 
     /// The child's stderr (default: inherited).
-    pub fn stderr(mut self, cfg: impl Into<Stdio>) -> Self {
-        self.stderr = Some(cfg.into());
+    pub fn stderr(mut self, cfg: impl Into<ChildStdio>) -> Self {
+        self.stderr = cfg.into();
         self
     }
 
@@ -421,102 +448,98 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             parent_pid,
             die_with_parent: self.die_with_parent,
             name: name.clone(),
+            cpus: cpus.iter().flatten().map(|&c| c as u32).collect(),
         };
         let spec_bytes = rkyv::to_bytes::<rancor::Error>(&spec)
             .map_err(|e| spawn_err("cannot encode the start spec").with_source(e))?;
         let memfd: OwnedFd = sys::memfd_with(c"ringipc-spec", &spec_bytes)
             .map_err(|e| spawn_err("memfd_create").with_source(e))?;
 
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg0(&name)
-            .env(CHILD_ENV, memfd.as_raw_fd().to_string());
-        if self.backend != Backend::Auto {
-            cmd.env("RINGIPC_BACKEND", backend.name());
-        }
+        // The child's environment: ours, with the builder's changes.
+        let mut envs: std::collections::BTreeMap<OsString, OsString> =
+            std::env::vars_os().collect();
         for (k, v) in &self.envs {
             match v {
-                Some(v) => cmd.env(k, v),
-                None => cmd.env_remove(k),
+                Some(v) => envs.insert(k.clone(), v.clone()),
+                None => envs.remove(k),
             };
         }
-        if let Some(dir) = &self.cwd {
-            cmd.current_dir(dir);
+        envs.insert(CHILD_ENV.into(), memfd.as_raw_fd().to_string().into());
+        if self.backend != Backend::Auto {
+            envs.insert("RINGIPC_BACKEND".into(), backend.name().into());
         }
-        if let Some(s) = self.stdin {
-            cmd.stdin(s);
-        }
-        if let Some(s) = self.stdout {
-            cmd.stdout(s);
-        }
-        if let Some(s) = self.stderr {
-            cmd.stderr(s);
+        let cstring = |bytes: Vec<u8>| {
+            CString::new(bytes)
+                .map_err(|_| spawn_err("a NUL byte in the name, environment or directory"))
+        };
+        let env = envs
+            .into_iter()
+            .map(|(k, v)| {
+                let mut kv = k.into_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstring(kv)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cwd = match &self.cwd {
+            Some(dir) => Some(cstring(dir.as_os_str().as_bytes().to_vec())?),
+            None => None,
+        };
+        // Stdio: the child's ends are dropped after the spawn, the parent's
+        // ends of pipes are handed out by `take_stdin` and friends.
+        let mut child_ends: Vec<OwnedFd> = Vec::new();
+        let mut parent_ends: [Option<std::fs::File>; 3] = [None, None, None];
+        let mut stdio: [Option<RawFd>; 3] = [None, None, None];
+        for (i, cfg) in [self.stdin, self.stdout, self.stderr]
+            .into_iter()
+            .enumerate()
+        {
+            let fd = match cfg {
+                ChildStdio::Inherit => continue,
+                ChildStdio::Null => std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                    .map(OwnedFd::from)
+                    .map_err(|e| spawn_err("/dev/null").with_source(e))?,
+                ChildStdio::Piped => {
+                    let (r, w) = sys::pipe().map_err(|e| spawn_err("stdio pipe").with_source(e))?;
+                    let (child, parent) = if i == 0 { (r, w) } else { (w, r) };
+                    parent_ends[i] = Some(parent.into());
+                    child
+                }
+                ChildStdio::Fd(fd) => fd,
+            };
+            stdio[i] = Some(fd.as_raw_fd());
+            child_ends.push(fd);
         }
         let mut inherit: Vec<RawFd> = vec![memfd.as_raw_fd(), ctl_w.as_raw_fd()];
         inherit.extend_from_slice(&fds);
         inherit.sort_unstable();
         inherit.dedup();
-        // The gaps between inherited fds, to be marked close-on-exec.
-        let mut gaps: Vec<(libc::c_uint, libc::c_uint)> = Vec::with_capacity(inherit.len() + 1);
-        let mut from: libc::c_uint = 3;
-        for &fd in &inherit {
-            let fd = fd as libc::c_uint;
-            if fd > from {
-                gaps.push((from, fd - 1));
-            }
-            from = from.max(fd + 1);
-        }
-        gaps.push((from, libc::c_uint::MAX));
-        let cpu_set = cpus.as_deref().map(sys::cpu_set);
-        let die = self.die_with_parent;
-        // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls (close_range, fcntl,
-        // sched_setaffinity, prctl, getppid) on data prepared before the
-        // fork; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                for &(lo, hi) in &gaps {
-                    // Everything but the inherited fds closes at exec, even
-                    // fds that C code opened without O_CLOEXEC. Kernels
-                    // before 5.11 lack the flag; the child's `init` closes
-                    // them instead.
-                    libc::syscall(libc::SYS_close_range, lo, hi, libc::CLOSE_RANGE_CLOEXEC);
-                }
-                for &fd in &inherit {
-                    // Clear close-on-exec in this forked copy only: the
-                    // parent's fds stay CLOEXEC, so concurrent spawns of other
-                    // children never inherit them.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if let Some(set) = &cpu_set
-                    && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if die {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::getppid() != parent_pid {
-                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut child = spawner::launch(cmd).map_err(|e| spawn_err("exec").with_source(e))?;
+        let pid = spawner::launch(spawner::SpawnRequest {
+            argv0: cstring(name.clone().into_bytes())?,
+            env,
+            cwd,
+            inherit,
+            stdio,
+        })
+        .map_err(|e| spawn_err("exec").with_source(e))?;
         // The child holds its copies now; the parent's go (handles in `args`
         // were marked as moved when they were encoded).
         drop(args);
         drop(ctl_w);
         drop(memfd);
-        let pid = child.id() as libc::pid_t;
+        drop(child_ends);
+        let [stdin, stdout, stderr] = parent_ends;
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                // SAFETY: kill/waitpid on our own unreaped child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
                 return Err(spawn_err("pidfd_open").with_source(e));
             }
         };
@@ -547,9 +570,9 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             outcome: None,
             status: None,
             on_drop: self.on_drop,
-            stdin: child.stdin.take(),
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
+            stdin,
+            stdout,
+            stderr,
             _r: PhantomData,
         })
     }
@@ -573,9 +596,9 @@ pub struct Process<R = ()> {
     outcome: Option<Outcome>,
     status: Option<ExitStatus>,
     on_drop: OnDrop,
-    stdin: Option<ChildStdin>,
-    stdout: Option<ChildStdout>,
-    stderr: Option<ChildStderr>,
+    stdin: Option<std::fs::File>,
+    stdout: Option<std::fs::File>,
+    stderr: Option<std::fs::File>,
     _r: PhantomData<fn() -> R>,
 }
 
@@ -721,18 +744,18 @@ impl<R> Process<R> {
         self.signal(libc::SIGKILL, "kill")
     }
 
-    /// The child's stdin, if it was set to [`Stdio::piped`].
-    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+    /// The write end of the child's stdin, if it was [`ChildStdio::Piped`].
+    pub fn take_stdin(&mut self) -> Option<std::fs::File> {
         self.stdin.take()
     }
 
-    /// The child's stdout, if it was set to [`Stdio::piped`].
-    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+    /// The read end of the child's stdout, if it was [`ChildStdio::Piped`].
+    pub fn take_stdout(&mut self) -> Option<std::fs::File> {
         self.stdout.take()
     }
 
-    /// The child's stderr, if it was set to [`Stdio::piped`].
-    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+    /// The read end of the child's stderr, if it was [`ChildStdio::Piped`].
+    pub fn take_stderr(&mut self) -> Option<std::fs::File> {
         self.stderr.take()
     }
 

@@ -24,6 +24,8 @@ pub(crate) struct Spec {
     pub parent_pid: i32,
     pub die_with_parent: bool,
     pub name: String,
+    /// Cores to pin to (empty: not pinned), applied before the entry runs.
+    pub cpus: Vec<u32>,
 }
 
 /// The reference point for code addresses. A static has exactly one address
