@@ -130,6 +130,25 @@ fn core_main(
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
 }
 
+/// What a task on `core` came back with: its output, its panic, or nothing
+/// because the core stopped.
+fn outcome<T>(
+    core: usize,
+    r: std::result::Result<std::result::Result<T, String>, oneshot::error::RecvError>,
+) -> Result<T> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(msg)) => Err(Error::new(
+            ErrorKind::Panicked,
+            format!("task on core {core} panicked: {msg}"),
+        )),
+        Err(_) => Err(Error::new(
+            ErrorKind::Closed,
+            format!("core {core} stopped"),
+        )),
+    }
+}
+
 struct CoreHandle {
     core: usize,
     tx: mpsc::UnboundedSender<Job>,
@@ -182,17 +201,7 @@ impl Engine {
         let sent = self.submit(core, f);
         async move {
             let rx = sent?;
-            match rx.await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(msg)) => Err(Error::new(
-                    ErrorKind::Panicked,
-                    format!("task on core {core} panicked: {msg}"),
-                )),
-                Err(_) => Err(Error::new(
-                    ErrorKind::Closed,
-                    format!("core {core} stopped"),
-                )),
-            }
+            outcome(core, rx.await)
         }
     }
 
@@ -271,17 +280,7 @@ impl Engine {
         Self::not_in_runtime("block_on")?;
         let core = self.cores[0].core;
         let rx = self.submit(core, f)?;
-        match rx.blocking_recv() {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(msg)) => Err(Error::new(
-                ErrorKind::Panicked,
-                format!("task on core {core} panicked: {msg}"),
-            )),
-            Err(_) => Err(Error::new(
-                ErrorKind::Closed,
-                format!("core {core} stopped"),
-            )),
-        }
+        outcome(core, rx.blocking_recv())
     }
 
     /// [`Engine::run_on_all`], blocking the calling thread.
@@ -302,17 +301,7 @@ impl Engine {
             })
             .collect::<Result<_>>()?;
         rxs.into_iter()
-            .map(|(core, rx)| match rx.blocking_recv() {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(msg)) => Err(Error::new(
-                    ErrorKind::Panicked,
-                    format!("task on core {core} panicked: {msg}"),
-                )),
-                Err(_) => Err(Error::new(
-                    ErrorKind::Closed,
-                    format!("core {core} stopped"),
-                )),
-            })
+            .map(|(core, rx)| outcome(core, rx.blocking_recv()))
             .collect()
     }
 
