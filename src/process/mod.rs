@@ -647,9 +647,10 @@ impl<R> Process<R> {
     /// the future loses nothing, and a later `join` picks up where it was.
     pub async fn join(&mut self) -> Result<ExitStatus> {
         if let Some(control) = &mut self.control {
-            // The control pipe carries the entry's outcome and reaches EOF
-            // when the child is gone (nothing else holds its write end).
-            while let Ok(payload) = control.recv().await {
+            // The control pipe carries the entry's outcome, the child's last
+            // word before it exits, and reaches EOF when the child is gone
+            // (nothing else holds its write end). Either ends the wait here.
+            if let Ok(payload) = control.recv().await {
                 self.outcome = Some(Outcome::decode(payload));
             }
             self.control = None;
@@ -672,6 +673,13 @@ impl<R> Process<R> {
             return Poll::Ready(Ok(s));
         }
         let pidfd = self.pidfd.as_raw_fd();
+        // Usually the child is already gone by now (its outcome, or the
+        // control pipe's EOF, came as it exited): reap it without arming a
+        // wait and paying a wake-up.
+        let in_flight = matches!(&self.waiter, Waiter::Uring(w) if w.in_flight());
+        if !in_flight && let Ok(Some(s)) = sys::waitid_pidfd(pidfd, true) {
+            return Poll::Ready(Ok(self.record(s)));
+        }
         let r = match &mut self.waiter {
             Waiter::Uring(w) => ready!(w.poll(cx, pidfd)),
             Waiter::Epoll(w) => {
@@ -684,14 +692,16 @@ impl<R> Process<R> {
             }
         };
         match r {
-            Ok(s) => {
-                let status = ExitStatus::from_wait(s);
-                self.status = Some(status);
-                tracing::debug!(pid = self.pid, %status, "child exited");
-                Poll::Ready(Ok(status))
-            }
+            Ok(s) => Poll::Ready(Ok(self.record(s))),
             Err(e) => Poll::Ready(Err(Error::io(self.ctx("join"), e))),
         }
+    }
+
+    fn record(&mut self, s: (bool, i32)) -> ExitStatus {
+        let status = ExitStatus::from_wait(s);
+        self.status = Some(status);
+        tracing::debug!(pid = self.pid, %status, "child exited");
+        status
     }
 
     /// The exit status if the child has exited (reaping it), else `None`.
