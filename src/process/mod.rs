@@ -17,9 +17,9 @@ pub(crate) mod spec;
 pub use child::{EXIT_PANIC, EXIT_START_FAILED, init};
 pub use handoff::{ArchivedHandoffState, HandoffResolver, HandoffState};
 
+use crate::backend::Backend;
 use crate::backend::epoll::EpollWait;
 use crate::backend::uring::{UringWait, waitid_supported};
-use crate::backend::{self, Backend};
 use crate::channel::{BytesReceiver, ChannelConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Decode, Encode, Message, encode_into};
@@ -939,9 +939,12 @@ where
     Process::builder_async(entry).arg(args).start()
 }
 
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>() {}
+// Handles and processes move between tasks and threads: keep them `Send`.
+const _: () = {
+    const fn is_send<T: Send>() {}
     is_send::<Process<u32>>();
-    let _ = backend::process_default;
-}
+    is_send::<crate::Sender<u32>>();
+    is_send::<crate::Receiver<u32>>();
+    is_send::<crate::BytesSender>();
+    is_send::<crate::BytesReceiver>();
+};
