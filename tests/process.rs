@@ -565,6 +565,19 @@ fn ringipc_cores() -> Vec<usize> {
     common::thread_affinity()
 }
 
+fn fd_list() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            format!("{}={target}", e.file_name().to_string_lossy())
+        })
+        .collect()
+}
+
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -602,7 +615,11 @@ fn failed_start_leaks_nothing(b: Backend) {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Spawn, "{e}");
         drop(_rx);
-        assert_eq!(fd_count(), before, "a failed start leaked fds");
+        assert!(
+            fd_count() <= before,
+            "a failed start leaked fds: {:?}",
+            fd_list()
+        );
         assert!(zombie_children().is_empty());
     });
 }
@@ -629,7 +646,12 @@ fn two_hundred_children(b: Backend) {
             "zombies: {:?}",
             zombie_children()
         );
-        assert_eq!(fd_count(), before, "fds grew");
+        // No growth (an fd some earlier test left closing may go meanwhile).
+        assert!(
+            fd_count() <= before,
+            "fds grew: {before} -> {:?}",
+            fd_list()
+        );
     });
 }
 
