@@ -29,6 +29,8 @@
 //! `throughput` example. This file holds scenarios 3 and 4, the report, the
 //! targets and the plot.
 
+#[path = "common/busy.rs"]
+mod busy;
 #[path = "common/measure.rs"]
 #[allow(
     dead_code,
@@ -145,6 +147,8 @@ struct Report {
     contenders: Vec<ContenderStatus>,
     one_way: Vec<OneWayRow>,
     ping_pong: Vec<PingRow>,
+    /// Scenario 2b: ping-pong with busy polling, and the CPU it burns.
+    busy_poll: Vec<busy::BusyRow>,
     child_start: Vec<StartRow>,
     /// This process's resident memory when scenario 3 began: a fork copies
     /// the page tables of all of it.
@@ -834,9 +838,10 @@ impl Plan {
         let n = self.contenders.len();
         let one_way = self.sizes.len() * n * runs;
         let ping = PING_SIZES.len() * n * runs;
+        let busy = runs * self.backends.len() * 2;
         let start = self.reps() * self.starters().len();
         let pool = 1 + self.reps() * self.backends.len() * self.pool_workers().len();
-        (one_way + ping + start + pool) as u64
+        (one_way + ping + busy + start + pool) as u64
     }
 }
 
@@ -917,6 +922,27 @@ fn run_ping_pong(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
                     error,
                 }),
             }
+        }
+    }
+}
+
+fn run_busy_poll(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
+    bar.set_message("2b. busy polling");
+    let raw = report
+        .ping(Contender::RawPipe, busy::SIZE)
+        .map(|r| r.p50_us);
+    let rows = with_load(report, "busy polling".to_string(), |_| {
+        busy::run(&plan.backends, &plan.settings, raw, &mut || bar.inc(1))
+    });
+    for row in rows {
+        match row {
+            Ok(row) => report.busy_poll.push(row),
+            Err((contender, error)) => report.failures.push(Failure {
+                scenario: "busy polling",
+                contender,
+                size: Some(busy::SIZE),
+                error,
+            }),
         }
     }
 }
@@ -1177,6 +1203,20 @@ fn targets(r: &Report, plan: &Plan) -> Vec<Target> {
                 .filter_map(|&c| Some((c.name(), r.ping(c, 64)?.p50_us / raw.p50_us)))
                 .collect(),
             |x| x <= 1.3,
+        ),
+        None => not_measured(what, "raw pipe ping-pong failed"),
+    });
+
+    let what = "64 B ping-pong with busy polling: ringipc p50 <= 0.5x raw blocking pipe";
+    out.push(match r.ping(Contender::RawPipe, 64) {
+        Some(_) => all_backends(
+            what,
+            r.busy_poll
+                .iter()
+                .filter(|b| b.budget_us > 0.0)
+                .filter_map(|b| Some((b.contender, b.p50_vs_raw?)))
+                .collect(),
+            |x| x <= 0.5,
         ),
         None => not_measured(what, "raw pipe ping-pong failed"),
     });
@@ -1765,6 +1805,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         contenders: statuses,
         one_way: Vec::new(),
         ping_pong: Vec::new(),
+        busy_poll: Vec::new(),
         child_start: Vec::new(),
         child_start_parent_rss_kib: None,
         pool: PoolReport::default(),
@@ -1782,6 +1823,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     run_one_way(&plan, &mut report, &bar);
     run_ping_pong(&plan, &mut report, &bar);
+    run_busy_poll(&plan, &mut report, &bar);
     run_child_start(&plan, &mut report, &bar);
     run_pool(&plan, &mut report, &bar);
     bar.finish_and_clear();
@@ -1789,6 +1831,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     report.targets = targets(&report, &plan);
     print_one_way(&report, &plan);
     print_ping_pong(&report, &plan);
+    busy::print(&report.busy_poll);
     print_child_start(&report, &plan);
     print_pool(&report, &plan);
     print_targets(&report);

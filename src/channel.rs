@@ -41,6 +41,7 @@ const FEED_HIGH_WATER: usize = 256 * 1024;
 pub struct ChannelConfig {
     backend: Backend,
     max_frame: usize,
+    busy_poll: Option<Duration>,
 }
 
 impl Default for ChannelConfig {
@@ -55,6 +56,7 @@ impl ChannelConfig {
         ChannelConfig {
             backend: Backend::Auto,
             max_frame: DEFAULT_MAX_FRAME,
+            busy_poll: None,
         }
     }
 
@@ -71,11 +73,34 @@ impl ChannelConfig {
         self
     }
 
+    /// Busy polling for receivers made from this config: a receive that
+    /// finds nothing to read spins for up to `budget` (on the completion
+    /// queue with io_uring, with nonblocking reads on epoll) before the task
+    /// parks. It cuts the wake-up out of a request/response round trip at
+    /// the price of a core spinning while it waits; off by default. See
+    /// [`Receiver::set_busy_poll`] and docs/tuning.md.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let cfg = ringipc::ChannelConfig::new().busy_poll(Duration::from_micros(50));
+    /// # let _ = cfg;
+    /// ```
+    pub fn busy_poll(mut self, budget: Duration) -> ChannelConfig {
+        self.busy_poll = (!budget.is_zero()).then_some(budget);
+        self
+    }
+
+    fn recv_half(&self, fd: OwnedFd, backend: Backend) -> Result<RecvHalf> {
+        let mut half = RecvHalf::new(fd, backend, self.max_frame)?;
+        half.busy_poll = self.busy_poll;
+        Ok(half)
+    }
+
     fn ends(&self) -> Result<(RecvHalf, SendHalf)> {
         let backend = self.backend.resolve()?;
         let (r, w) = sys::pipe().map_err(|e| Error::io("pipe2", e))?;
         Ok((
-            RecvHalf::new(r, backend, self.max_frame)?,
+            self.recv_half(r, backend)?,
             SendHalf::new(w, backend, self.max_frame)?,
         ))
     }
@@ -105,7 +130,7 @@ impl ChannelConfig {
     /// messages.
     pub fn bytes_receiver(&self, fd: OwnedFd) -> Result<BytesReceiver> {
         Ok(BytesReceiver {
-            half: RecvHalf::new(fd, self.backend, self.max_frame)?,
+            half: self.recv_half(fd, self.backend)?,
         })
     }
 
@@ -164,6 +189,9 @@ pub(crate) struct RecvHalf {
     /// Set after an I/O error: later calls fail fast instead of reading a
     /// stream of unknown state.
     broken: bool,
+    /// Spin budget before parking; `None` falls back to the thread's (an
+    /// engine core's) default.
+    pub(crate) busy_poll: Option<Duration>,
 }
 
 impl RecvHalf {
@@ -172,6 +200,7 @@ impl RecvHalf {
             io: Io::new(fd, backend)?,
             dec: Decoder::new(max_frame),
             broken: false,
+            busy_poll: None,
         })
     }
 
@@ -180,6 +209,7 @@ impl RecvHalf {
             io,
             dec,
             broken: false,
+            busy_poll: None,
         }
     }
 
@@ -187,7 +217,7 @@ impl RecvHalf {
     /// decoded frame leaves this function, so dropping the future between
     /// polls loses nothing: bytes read so far stay in the decoder, and a read
     /// in flight stays with the handle.
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Range<usize>>> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>, spin: bool) -> Poll<Result<Range<usize>>> {
         loop {
             match self.dec.next_frame() {
                 Ok(Some(r)) => return Poll::Ready(Ok(r)),
@@ -205,7 +235,19 @@ impl RecvHalf {
                     "recv after an I/O error",
                 )));
             }
-            match ready!(self.io.poll_read(cx, &mut self.dec)) {
+            let read = match self.io.poll_read(cx, &mut self.dec) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    let budget = self.busy_poll.or_else(crate::backend::thread_busy_poll);
+                    match budget {
+                        Some(budget) if spin => {
+                            ready!(self.io.spin_read(cx, &mut self.dec, budget))
+                        }
+                        _ => return Poll::Pending,
+                    }
+                }
+            };
+            match read {
                 Ok(0) => {
                     let e = self.dec.eof();
                     return Poll::Ready(Err(frame_error("recv", e)));
@@ -221,12 +263,12 @@ impl RecvHalf {
     }
 
     async fn frame(&mut self) -> Result<&[u8]> {
-        let r = poll_fn(|cx| self.poll_frame(cx)).await?;
+        let r = poll_fn(|cx| self.poll_frame(cx, true)).await?;
         Ok(&self.dec.buffer()[r])
     }
 
     async fn frame_timeout(&mut self, timeout: Duration) -> Result<&[u8]> {
-        let r = match tokio::time::timeout(timeout, poll_fn(|cx| self.poll_frame(cx))).await {
+        let r = match tokio::time::timeout(timeout, poll_fn(|cx| self.poll_frame(cx, true))).await {
             Ok(r) => r?,
             Err(_) => return Err(Error::new(ErrorKind::TimedOut, "recv_timeout")),
         };
@@ -235,7 +277,7 @@ impl RecvHalf {
 
     fn try_frame(&mut self) -> Result<Option<&[u8]>> {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.poll_frame(&mut cx) {
+        match self.poll_frame(&mut cx, false) {
             Poll::Ready(Ok(r)) => Ok(Some(&self.dec.buffer()[r])),
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Ok(None),
@@ -418,6 +460,14 @@ impl<T> Receiver<T> {
     /// Closes this end; a sender then gets [`ErrorKind::Closed`].
     pub fn close(self) {}
 
+    /// Sets this end's busy-poll budget (see [`ChannelConfig::busy_poll`]);
+    /// `None` or a zero budget parks at once (unless the thread is an engine
+    /// core with a default budget). The setting stays with this process's
+    /// handle: a child sets its own.
+    pub fn set_busy_poll(&mut self, budget: Option<Duration>) {
+        self.half.busy_poll = budget.filter(|b| !b.is_zero());
+    }
+
     /// The same stream, seen as raw frames.
     pub fn into_bytes(self) -> BytesReceiver {
         BytesReceiver { half: self.half }
@@ -584,6 +634,11 @@ impl BytesReceiver {
     /// A frame if one can be had without waiting.
     pub fn try_recv(&mut self) -> Result<Option<&[u8]>> {
         self.half.try_frame()
+    }
+
+    /// Sets this end's busy-poll budget; see [`Receiver::set_busy_poll`].
+    pub fn set_busy_poll(&mut self, budget: Option<Duration>) {
+        self.half.busy_poll = budget.filter(|b| !b.is_zero());
     }
 
     /// The backend this end runs on.

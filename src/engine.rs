@@ -27,6 +27,7 @@ pub struct EngineBuilder {
     cores: Option<Vec<usize>>,
     backend: Backend,
     ring_entries: u32,
+    busy_poll: Option<std::time::Duration>,
 }
 
 impl EngineBuilder {
@@ -45,6 +46,15 @@ impl EngineBuilder {
     /// Submission queue entries of each core's ring (default 256).
     pub fn ring_entries(mut self, entries: u32) -> Self {
         self.ring_entries = entries;
+        self
+    }
+
+    /// Busy polling on every core: a receiver polled there that sets no
+    /// budget of its own spins for up to `budget` before its task parks
+    /// (see [`ChannelConfig::busy_poll`](crate::ChannelConfig::busy_poll)).
+    /// Off by default: a spinning core burns CPU while it waits.
+    pub fn busy_poll(mut self, budget: std::time::Duration) -> Self {
+        self.busy_poll = (!budget.is_zero()).then_some(budget);
         self
     }
 
@@ -77,9 +87,10 @@ impl EngineBuilder {
             let (tx, rx) = mpsc::unbounded_channel::<Job>();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
             let entries = self.ring_entries;
+            let busy_poll = self.busy_poll;
             let thread = std::thread::Builder::new()
                 .name(format!("ringipc-core-{core}"))
-                .spawn(move || core_main(core, backend, entries, rx, ready_tx))
+                .spawn(move || core_main(core, backend, entries, busy_poll, rx, ready_tx))
                 .map_err(|e| Error::io(format!("start core thread {core}"), e))?;
             engine.cores.push(CoreHandle { core, tx });
             engine.threads.push(thread);
@@ -96,6 +107,7 @@ fn core_main(
     core: usize,
     backend: Backend,
     ring_entries: u32,
+    busy_poll: Option<std::time::Duration>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
@@ -104,6 +116,7 @@ fn core_main(
             .map_err(|e| Error::io(format!("pin to core {core}"), e))?;
         backend::set_thread_default(backend);
         backend::uring::set_thread_ring_entries(ring_entries);
+        backend::set_thread_busy_poll(busy_poll);
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -172,6 +185,7 @@ impl Engine {
             cores: None,
             backend: Backend::Auto,
             ring_entries: 256,
+            busy_poll: None,
         }
     }
 

@@ -29,6 +29,11 @@ fn panics(msg: String) {
     panic!("{msg}");
 }
 
+async fn sleep_then_42(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    42
+}
+
 async fn add(pair: (u64, u64)) -> u64 {
     pair.0 + pair.1
 }
@@ -818,6 +823,31 @@ fn piped_stdout(b: Backend) {
     });
 }
 
+/// A join left pending on a thread that then exits (its io_uring requests
+/// are cancelled by the kernel) finishes on another thread with the child's
+/// return value.
+fn join_pending_on_exited_thread(b: Backend) {
+    let p = Process::builder_async(sleep_then_42)
+        .arg(300)
+        .backend(b)
+        .start()
+        .unwrap();
+    let mut p = std::thread::spawn(move || {
+        let mut p = p;
+        common::block_on(async {
+            let e = p.join_timeout(Duration::from_millis(30)).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        });
+        p
+    })
+    .join()
+    .unwrap();
+    common::block_on(async {
+        assert!(p.join().await.unwrap().success());
+        assert_eq!(p.result().unwrap().to_native(), 42);
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -859,5 +889,9 @@ fn main() {
         ),
         ("child_killed_mid_stream", child_killed_mid_stream),
         ("piped_stdout", piped_stdout),
+        (
+            "join_pending_on_exited_thread",
+            join_pending_on_exited_thread,
+        ),
     ]);
 }

@@ -488,13 +488,50 @@ pub fn ringipc_ping_pong(
     warmup: usize,
     rounds: usize,
 ) -> Result<Vec<Duration>> {
-    let (ping, pong) = ChannelConfig::new()
-        .backend(backend)
-        .duplex::<Vec<u8>, Vec<u8>>()?;
-    let echo = spawn_side(Side::Child, move || -> Result<()> {
+    Ok(ringipc_ping_pong_with(backend, size, warmup, rounds, None)?.samples)
+}
+
+/// What a ping-pong run measured, with the CPU both sides spent on it.
+pub struct PingRun {
+    /// One sample per measured round trip.
+    pub samples: Vec<Duration>,
+    /// CPU time of the two threads during the measured rounds.
+    pub cpu: Duration,
+    /// Wall time of the measured rounds.
+    pub wall: Duration,
+}
+
+/// The calling thread's CPU time so far.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// [`ringipc_ping_pong`] with both receivers busy polling for `busy` (none:
+/// park at once), also measuring the CPU the two threads burn.
+pub fn ringipc_ping_pong_with(
+    backend: Backend,
+    size: usize,
+    warmup: usize,
+    rounds: usize,
+    busy: Option<Duration>,
+) -> Result<PingRun> {
+    let mut cfg = ChannelConfig::new().backend(backend);
+    if let Some(b) = busy {
+        cfg = cfg.busy_poll(b);
+    }
+    let (ping, pong) = cfg.duplex::<Vec<u8>, Vec<u8>>()?;
+    let echo = spawn_side(Side::Child, move || -> Result<Duration> {
         let rt = runtime()?;
         let (mut tx, mut rx) = pong.split();
         let msg = vec![0x22u8; size];
+        let mut cpu_at_warmup_end = None;
+        let mut n = 0usize;
         rt.block_on(async {
             loop {
                 match rx.recv().await {
@@ -502,18 +539,26 @@ pub fn ringipc_ping_pong(
                     Err(e) if e.kind() == ringipc::ErrorKind::Closed => return Ok(()),
                     Err(e) => return Err(e),
                 };
+                if n == warmup {
+                    cpu_at_warmup_end = Some(thread_cpu_time());
+                }
+                n += 1;
                 tx.send(&msg).await?;
             }
         })?;
-        Ok(())
+        Ok(thread_cpu_time().saturating_sub(cpu_at_warmup_end.unwrap_or_default()))
     });
-    let pinger = spawn_side(Side::Parent, move || -> Result<Vec<Duration>> {
+    let pinger = spawn_side(Side::Parent, move || -> Result<PingRun> {
         let rt = runtime()?;
         let (mut tx, mut rx) = ping.split();
         let msg = vec![0x11u8; size];
         let mut samples = Vec::with_capacity(rounds);
+        let mut started = (Instant::now(), thread_cpu_time());
         rt.block_on(async {
             for i in 0..warmup + rounds {
+                if i == warmup {
+                    started = (Instant::now(), thread_cpu_time());
+                }
                 let t0 = Instant::now();
                 tx.send(&msg).await?;
                 std::hint::black_box(rx.recv().await?.len());
@@ -523,11 +568,15 @@ pub fn ringipc_ping_pong(
             }
             Ok::<_, ringipc::Error>(())
         })?;
-        Ok(samples)
+        Ok(PingRun {
+            samples,
+            cpu: thread_cpu_time() - started.1,
+            wall: started.0.elapsed(),
+        })
     });
-    let samples = join(pinger)?;
-    join(echo)?;
-    Ok(samples)
+    let mut run = join(pinger)?;
+    run.cpu += join(echo)?;
+    Ok(run)
 }
 
 /// Header of the hand-framed contenders' frames: payload length, then

@@ -123,6 +123,39 @@ impl EpollIo {
         }
     }
 
+    /// Busy polling: nonblocking reads until data arrives or `budget` runs
+    /// out. The reactor registration made by `poll_read` stays armed, so a
+    /// `Pending` here still gets the task woken.
+    pub(crate) fn spin_read(
+        &mut self,
+        dec: &mut Decoder,
+        budget: std::time::Duration,
+    ) -> Poll<io::Result<usize>> {
+        let Some(fd) = self.raw() else {
+            return Poll::Ready(Err(io::Error::from_raw_os_error(libc::EBADF)));
+        };
+        let deadline = std::time::Instant::now() + budget;
+        loop {
+            let (ptr, len) = dec.reserve();
+            // SAFETY: `reserve` returned `len` writable bytes at `ptr`.
+            match unsafe { sys::read(fd, ptr, len) } {
+                Ok(n) => {
+                    // SAFETY: the kernel initialised `n <= len` bytes at `ptr`.
+                    unsafe { dec.commit(n) };
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Poll::Pending;
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
     pub(crate) fn write_now(&mut self, enc: &mut Encoder) {
         let Some(fd) = self.raw() else { return };
         while !enc.pending().is_empty() {

@@ -20,6 +20,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// Which I/O backend moves the bytes.
 ///
@@ -97,6 +98,19 @@ impl std::fmt::Display for Backend {
 thread_local! {
     /// An engine thread's backend, which `Auto` means on that thread.
     static THREAD_DEFAULT: std::cell::Cell<Option<Backend>> = const { std::cell::Cell::new(None) };
+    /// An engine thread's busy-poll budget, for receivers that set none.
+    static THREAD_BUSY_POLL: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes receivers polled on this thread spin for `budget` before parking,
+/// unless they set their own.
+pub(crate) fn set_thread_busy_poll(budget: Option<Duration>) {
+    THREAD_BUSY_POLL.with(|d| d.set(budget.filter(|b| !b.is_zero())));
+}
+
+/// This thread's default busy-poll budget.
+pub(crate) fn thread_busy_poll() -> Option<Duration> {
+    THREAD_BUSY_POLL.try_with(|d| d.get()).ok().flatten()
 }
 
 /// Makes `Auto` mean `backend` (already resolved) on this thread.
@@ -207,6 +221,23 @@ impl Io {
         match self {
             Io::Uring(u) => u.poll_write(cx, enc),
             Io::Epoll(e) => e.poll_write(cx, enc),
+            Io::Closed(_) => Poll::Ready(Err(Io::closed())),
+        }
+    }
+
+    /// After `poll_read` returned `Pending`: spins for up to `budget` waiting
+    /// for the read instead of parking (busy polling). `Pending` when the
+    /// budget ran out; the task's wake-up stays registered as after
+    /// `poll_read`.
+    pub(crate) fn spin_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dec: &mut Decoder,
+        budget: Duration,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Uring(u) => u.spin_read(cx, dec, budget),
+            Io::Epoll(e) => e.spin_read(dec, budget),
             Io::Closed(_) => Poll::Ready(Err(Io::closed())),
         }
     }

@@ -1,0 +1,331 @@
+//! The operations handles own: pipe reads and writes, and waiting for a
+//! child's exit.
+//!
+//! **Operations follow handles.** An operation belongs to the ring it was
+//! submitted on, but a handle can move: to another task on another thread,
+//! to another runtime, off a thread that then exits. When a handle polls an
+//! operation that sits on another thread's ring, that ring is asked to cancel
+//! it; whatever the operation did before the cancellation took hold is kept
+//! (bytes read land in the decoder's buffer, bytes written advance the
+//! encoder), and an `ECANCELED` completion — from that request, or from the
+//! kernel cancelling the requests of a thread that exited — means "not done":
+//! the operation is submitted again on the ring of the thread polling now.
+//! A cancellation the handle did not ask for is never reported as an error.
+
+use super::ring::{Keep, Ring, SigInfo};
+use crate::framing::{Decoder, Encoder};
+use crate::sys;
+use io_uring::{opcode, squeue, types};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+/// The kernel caps one read or write at about 2 GiB; stay well below it.
+const MAX_IO: usize = 1 << 30;
+
+struct Op {
+    ring: Arc<Ring>,
+    id: usize,
+    /// Cancel (rather than let finish) when the owner goes away.
+    cancel_on_drop: bool,
+    /// The handle moved off `ring`'s thread and asked `ring` to cancel this
+    /// operation; its completion ends the move.
+    moving: bool,
+}
+
+/// At most one operation in flight, owned by a handle rather than by the
+/// future that started it.
+#[derive(Default)]
+struct OpSlot {
+    op: Option<Op>,
+}
+
+/// What a finished operation reports.
+enum Outcome {
+    /// The kernel's result and what the operation kept.
+    Done(i32, Keep),
+    /// Cancelled without effect (moved handle, exited thread): start it
+    /// again on the current thread's ring; the buffer comes back.
+    Restart(Keep),
+}
+
+impl OpSlot {
+    fn start(
+        &mut self,
+        entry: squeue::Entry,
+        keep: Keep,
+        fd: Option<Arc<OwnedFd>>,
+        cancel_on_drop: bool,
+    ) -> Result<(), (io::Error, Keep)> {
+        let ring = match Ring::current() {
+            Ok(ring) => ring,
+            Err(e) => return Err((e, keep)),
+        };
+        let id = ring.submit(entry, keep, fd)?;
+        self.op = Some(Op {
+            ring,
+            id,
+            cancel_on_drop,
+            moving: false,
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Outcome>> {
+        let op = self.op.as_mut().expect("an operation is in flight");
+        if !op.moving && !op.ring.is_current() {
+            op.ring.cancel(op.id)?;
+            op.moving = true;
+        }
+        let (res, keep) = ready!(op.ring.poll(op.id, cx))?;
+        self.op = None;
+        Poll::Ready(Ok(if res == -libc::ECANCELED {
+            Outcome::Restart(keep)
+        } else {
+            Outcome::Done(res, keep)
+        }))
+    }
+}
+
+impl OpSlot {
+    /// Whether the operation in flight has completed (reaping if needed).
+    fn is_done(&self) -> bool {
+        self.op.as_ref().is_some_and(|op| op.ring.is_done(op.id))
+    }
+}
+
+impl Drop for OpSlot {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            op.ring.orphan(op.id, op.cancel_on_drop);
+        }
+    }
+}
+
+/// A pipe end on the uring backend.
+pub(crate) struct UringIo {
+    /// Shared with the slot of the operation in flight, so the fd stays open
+    /// until the kernel is done with it even if this handle goes away.
+    fd: Arc<OwnedFd>,
+    slot: OpSlot,
+}
+
+impl UringIo {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<UringIo> {
+        // A nonblocking fd would make io_uring return EAGAIN instead of
+        // waiting for the pipe, so uring ends are blocking.
+        sys::set_nonblocking(fd.as_raw_fd(), false)?;
+        Ok(UringIo {
+            fd: Arc::new(fd),
+            slot: OpSlot::default(),
+        })
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// For handing the fd to a child: stops the operation in flight, if any,
+    /// and returns its result with the bytes of its buffer (for a read: the
+    /// buffer up to what the kernel wrote; for a write: the whole buffer).
+    pub(crate) fn settle(&self) -> io::Result<Option<(i32, Vec<u8>)>> {
+        let Some(op) = &self.slot.op else {
+            return Ok(None);
+        };
+        op.ring.settle(op.id)?;
+        Ok(Some(op.ring.peek(op.id, |res, keep| {
+            let bytes = match keep {
+                Keep::Read(buf) => {
+                    let extra = res.max(0) as usize;
+                    // SAFETY: the kernel initialised `extra` bytes right after
+                    // `buf.len()`, inside the capacity `reserve` made.
+                    unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len() + extra) }.to_vec()
+                }
+                Keep::Write(buf) => buf.clone(),
+                _ => Vec::new(),
+            };
+            (res, bytes)
+        })))
+    }
+
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dec: &mut Decoder,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.slot.op.is_none() {
+                let (ptr, len) = dec.reserve();
+                let entry =
+                    opcode::Read::new(types::Fd(self.fd.as_raw_fd()), ptr, len.min(MAX_IO) as u32)
+                        .offset(u64::MAX)
+                        .build();
+                // The buffer moves into the slot; its heap memory (where
+                // `ptr` points) does not move with it.
+                let keep = Keep::Read(dec.take_buf());
+                if let Err((e, keep)) = self.slot.start(entry, keep, Some(self.fd.clone()), true) {
+                    if let Keep::Read(buf) = keep {
+                        dec.put_buf(buf);
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let (res, keep) = match ready!(self.slot.poll(cx))? {
+                Outcome::Done(res, keep) => (res, keep),
+                Outcome::Restart(keep) => {
+                    if let Keep::Read(buf) = keep {
+                        dec.put_buf(buf);
+                    }
+                    continue;
+                }
+            };
+            if let Keep::Read(buf) = keep {
+                dec.put_buf(buf);
+            }
+            if res < 0 {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+            }
+            // SAFETY: the kernel wrote `res` bytes into the region `reserve` returned.
+            unsafe { dec.commit(res as usize) };
+            return Poll::Ready(Ok(res as usize));
+        }
+    }
+
+    /// Busy polling: watches the completion queue until the read in flight
+    /// completes or `budget` runs out. The completion is posted by task work
+    /// that interrupts this thread's spin, so no syscall is spent waiting.
+    pub(crate) fn spin_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        dec: &mut Decoder,
+        budget: std::time::Duration,
+    ) -> Poll<io::Result<usize>> {
+        let deadline = std::time::Instant::now() + budget;
+        loop {
+            if self.slot.op.is_none() || self.slot.is_done() {
+                match self.poll_read(cx, dec) {
+                    Poll::Ready(r) => return Poll::Ready(r),
+                    // A moved operation was restarted here: keep spinning.
+                    Poll::Pending => {}
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Poll::Pending;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        enc: &mut Encoder,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.slot.op.is_none() {
+                let (buf, pos) = enc.take_buf();
+                let len = (buf.len() - pos).min(MAX_IO);
+                // SAFETY: `pos <= buf.len()`, so the pointer stays inside the allocation.
+                let ptr = unsafe { buf.as_ptr().add(pos) };
+                let entry = opcode::Write::new(types::Fd(self.fd.as_raw_fd()), ptr, len as u32)
+                    .offset(u64::MAX)
+                    .build();
+                // Writes are left to finish if the handle goes away: bytes
+                // handed to the kernel are still delivered.
+                let keep = Keep::Write(buf);
+                if let Err((e, keep)) = self.slot.start(entry, keep, Some(self.fd.clone()), false) {
+                    if let Keep::Write(buf) = keep {
+                        enc.put_buf(buf);
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let (res, keep) = match ready!(self.slot.poll(cx))? {
+                Outcome::Done(res, keep) => (res, keep),
+                Outcome::Restart(keep) => {
+                    if let Keep::Write(buf) = keep {
+                        enc.put_buf(buf);
+                    }
+                    continue;
+                }
+            };
+            if let Keep::Write(buf) = keep {
+                enc.put_buf(buf);
+            }
+            if res < 0 {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+            }
+            enc.advance(res as usize);
+            return Poll::Ready(Ok(res as usize));
+        }
+    }
+
+    /// For `Drop` of a sender: if nothing is in flight, write what the pipe
+    /// takes without blocking (the fd is switched to nonblocking mode for
+    /// good; it is about to be closed).
+    pub(crate) fn write_now(&mut self, enc: &mut Encoder) {
+        if self.slot.op.is_some() || enc.pending().is_empty() {
+            return;
+        }
+        let fd = self.fd.as_raw_fd();
+        if sys::set_nonblocking(fd, true).is_err() {
+            return;
+        }
+        while !enc.pending().is_empty() {
+            match sys::write(fd, enc.pending()) {
+                Ok(n) => enc.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Waits for a child's exit with IORING_OP_WAITID on a pidfd (which also reaps it).
+#[derive(Default)]
+pub(crate) struct UringWait {
+    slot: OpSlot,
+}
+
+impl UringWait {
+    /// Whether a waitid is submitted and not yet reaped.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.slot.op.is_some()
+    }
+
+    /// `(exited normally, code or signal)` once the process is gone.
+    ///
+    /// The caller keeps `pidfd` open for as long as this waiter exists (the
+    /// kernel resolves it when the waitid is issued).
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        pidfd: RawFd,
+    ) -> Poll<io::Result<(bool, i32)>> {
+        loop {
+            if self.slot.op.is_none() {
+                // SAFETY: a zeroed siginfo_t is a valid value for the kernel to fill.
+                let info = Box::new(SigInfo(unsafe { std::mem::zeroed() }));
+                let entry = opcode::WaitId::new(libc::P_PIDFD, pidfd as libc::id_t, libc::WEXITED)
+                    .infop(&info.0 as *const libc::siginfo_t)
+                    .build();
+                if let Err((e, _)) = self.slot.start(entry, Keep::SigInfo(info), None, true) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let (res, keep) = match ready!(self.slot.poll(cx))? {
+                Outcome::Done(res, keep) => (res, keep),
+                // A cancelled waitid reaped nothing: wait again here.
+                Outcome::Restart(_) => continue,
+            };
+            if res < 0 {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+            }
+            return match keep {
+                Keep::SigInfo(info) => Poll::Ready(Ok(sys::decode_siginfo(&info.0))),
+                _ => Poll::Ready(Err(io::Error::other("waitid completion without siginfo"))),
+            };
+        }
+    }
+}
