@@ -31,6 +31,8 @@
 
 #[path = "common/busy.rs"]
 mod busy;
+#[path = "common/fanout.rs"]
+mod fanout;
 #[path = "common/measure.rs"]
 #[allow(
     dead_code,
@@ -149,6 +151,8 @@ struct Report {
     ping_pong: Vec<PingRow>,
     /// Scenario 2b: ping-pong with busy polling, and the CPU it burns.
     busy_poll: Vec<busy::BusyRow>,
+    /// Scenario 2c: one engine core serving many children at once.
+    many_channels: Vec<fanout::FanoutRow>,
     child_start: Vec<StartRow>,
     /// This process's resident memory when scenario 3 began: a fork copies
     /// the page tables of all of it.
@@ -838,7 +842,7 @@ impl Plan {
         let n = self.contenders.len();
         let one_way = self.sizes.len() * n * runs;
         let ping = PING_SIZES.len() * n * runs;
-        let busy = runs * self.backends.len() * 2;
+        let busy = runs * self.backends.len() * 2 + self.backends.len();
         let start = self.reps() * self.starters().len();
         let pool = 1 + self.reps() * self.backends.len() * self.pool_workers().len();
         (one_way + ping + busy + start + pool) as u64
@@ -941,6 +945,32 @@ fn run_busy_poll(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
                 scenario: "busy polling",
                 contender,
                 size: Some(busy::SIZE),
+                error,
+            }),
+        }
+    }
+}
+
+fn run_many_channels(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
+    bar.set_message("2c. many channels");
+    let duration = plan.cell.mul_f64(2.0);
+    let rows = with_load(report, "many channels".to_string(), |_| {
+        plan.backends
+            .iter()
+            .map(|&b| {
+                let r = fanout::run(b, duration, plan.pin);
+                bar.inc(1);
+                (b, r)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (b, row) in rows {
+        match row {
+            Ok(row) => report.many_channels.push(row),
+            Err(error) => report.failures.push(Failure {
+                scenario: "many channels",
+                contender: contender_name(b),
+                size: Some(fanout::SIZE),
                 error,
             }),
         }
@@ -1219,6 +1249,29 @@ fn targets(r: &Report, plan: &Plan) -> Vec<Target> {
             |x| x <= 0.5,
         ),
         None => not_measured(what, "raw pipe ping-pong failed"),
+    });
+
+    let what = "many channels: uring >= 1.3x epoll msgs/s, with fewer syscalls per message";
+    let row = |name: &str| r.many_channels.iter().find(|m| m.contender == name);
+    out.push(match (row("ringipc-uring"), row("ringipc-epoll")) {
+        (Some(u), Some(e)) => {
+            let speed = u.msgs_per_sec / e.msgs_per_sec;
+            let calls = match (&u.syscalls_per_msg, &e.syscalls_per_msg) {
+                (Ok(a), Ok(b)) => Some((*a, *b)),
+                _ => None,
+            };
+            Target {
+                what: what.to_string(),
+                verdict: verdict(speed >= 1.3 && calls.is_some_and(|(a, b)| a < b)),
+                detail: match calls {
+                    Some((a, b)) => format!(
+                        "uring {speed:.2}x epoll msgs/s; syscalls/msg uring {a:.3}, epoll {b:.3}"
+                    ),
+                    None => format!("uring {speed:.2}x epoll msgs/s; syscalls not counted"),
+                },
+            }
+        }
+        _ => not_measured(what, "needs both backends"),
     });
 
     out.push(uring_vs_epoll(r, plan));
@@ -1806,6 +1859,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         one_way: Vec::new(),
         ping_pong: Vec::new(),
         busy_poll: Vec::new(),
+        many_channels: Vec::new(),
         child_start: Vec::new(),
         child_start_parent_rss_kib: None,
         pool: PoolReport::default(),
@@ -1824,6 +1878,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     run_one_way(&plan, &mut report, &bar);
     run_ping_pong(&plan, &mut report, &bar);
     run_busy_poll(&plan, &mut report, &bar);
+    run_many_channels(&plan, &mut report, &bar);
     run_child_start(&plan, &mut report, &bar);
     run_pool(&plan, &mut report, &bar);
     bar.finish_and_clear();
@@ -1832,6 +1887,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     print_one_way(&report, &plan);
     print_ping_pong(&report, &plan);
     busy::print(&report.busy_poll);
+    fanout::print(&report.many_channels);
     print_child_start(&report, &plan);
     print_pool(&report, &plan);
     print_targets(&report);
