@@ -504,8 +504,15 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             name: name.clone(),
             cpus: cpus.iter().flatten().map(|&c| c as u32).collect(),
             env: fork.then(|| env.iter().map(|e| e.as_bytes().to_vec()).collect()),
+            // A forked child starts in the server's directory (the one at
+            // `init`): it moves to ours as of now, as an exec'd one inherits.
             cwd: if fork {
-                cwd.as_ref().map(|c| c.as_bytes().to_vec())
+                match &cwd {
+                    Some(c) => Some(c.as_bytes().to_vec()),
+                    None => std::env::current_dir()
+                        .ok()
+                        .map(|d| d.into_os_string().into_vec()),
+                }
             } else {
                 None
             },
