@@ -93,6 +93,21 @@ fn role(role: &str) {
             common::block_on(start_and_check(Backend::Epoll, StartMode::Fork));
             return;
         }
+        "init-in-runtime" => {
+            // `#[tokio::main(flavor = "current_thread")]`: init inside a
+            // runtime, still single-threaded, so a server is forked; its
+            // children must not trip over the runtime the fork copied.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                ringipc::init();
+                assert!(ringipc::fork_server_pid().is_some());
+                start_and_check(Backend::Epoll, StartMode::Fork).await;
+            });
+            return;
+        }
         other => panic!("unknown role {other}"),
     }
     common::block_on(start_and_check(Backend::Epoll, StartMode::Exec));
@@ -104,11 +119,16 @@ fn main() {
         return;
     }
     ringipc::init();
-    let roles: [(&str, &str, Option<&str>); 4] = [
+    let roles: [(&str, &str, Option<&str>); 5] = [
         ("env_selects_exec", "env-exec", Some("exec")),
         ("env_selects_fork", "env-fork", Some("fork")),
         ("init_with_exec_starts_no_server", "init-with-exec", None),
         ("init_after_threads_starts_no_server", "late-init", None),
+        (
+            "init_inside_a_current_thread_runtime",
+            "init-in-runtime",
+            None,
+        ),
     ];
     let mut failed = Vec::new();
     let total = roles.len() + 2;

@@ -23,12 +23,16 @@ pub const EXIT_START_FAILED: i32 = 102;
 /// Takes over a process started by [`Process`](crate::Process): call it as the
 /// first line of `main` in every binary that starts children.
 ///
-/// In an ordinary process it returns at once. In a child it never returns: it
+/// In an ordinary process it forks the fork server that later forks
+/// children (while the process is still single-threaded; with threads
+/// already running it starts none and children are re-executed, see
+/// [`StartMode`]) and returns. In a re-executed child it never returns: it
 /// runs the requested entry function on a fresh tokio runtime and exits.
-/// Code placed before `init()` runs in every child too (it runs before
-/// ringipc knows it is a child), so keep `main`'s first line for `init()`:
-/// anything earlier — logging set-up, opened files, spawned threads — would
-/// happen again in each child, and fds it opens would be closed under it.
+/// Code placed before `init()` runs again in every re-executed child (it
+/// runs before ringipc knows it is a child), and its state is shared by
+/// every forked one, so keep `main`'s first line for `init()`: anything
+/// earlier — logging set-up, opened files, spawned threads, seeded random
+/// generators — would happen again in each child or be shared by all.
 ///
 /// ```no_run
 /// # #[allow(clippy::needless_doctest_main)]

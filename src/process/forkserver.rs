@@ -424,5 +424,10 @@ fn forked(mask: u32, fds: Vec<OwnedFd>) -> Result<i32, String> {
         let dir = std::path::Path::new(std::ffi::OsStr::from_bytes(dir.as_slice()));
         std::env::set_current_dir(dir).map_err(|e| format!("chdir {}: {e}", dir.display()))?;
     }
-    child::run_spec(spec, control, handles, false)
+    // `init` ran inside a runtime (`#[tokio::main(flavor =
+    // "current_thread")]`): this copy of the thread still says so, and a
+    // runtime cannot start inside another, so the entry gets a thread of
+    // its own, as in a re-executed child. (That runtime's fds are closed.)
+    let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+    child::run_spec(spec, control, handles, in_runtime)
 }

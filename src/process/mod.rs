@@ -1,11 +1,12 @@
 //! Child processes that run a Rust function: start, pass channel handles,
 //! pin, watch, join.
 //!
-//! Children are started by re-executing the current binary
-//! (`/proc/self/exe`), never by `fork()`ing the running program: the child
-//! takes over at [`init`](crate::init), runs the entry function on a fresh
-//! tokio runtime, sends its return value (or panic message) back on a
-//! private pipe and exits. Exit is observed without SIGCHLD handlers:
+//! Children are forked by the fork server that [`init`](crate::init)
+//! started while the program was single-threaded (`forkserver.rs`), or
+//! started by re-executing the current binary (`/proc/self/exe`), never by
+//! `fork()`ing the running program. Either way the child runs the entry
+//! function on a fresh tokio runtime, sends its return value (or panic
+//! message) back on a private pipe and exits. Exit is observed without SIGCHLD handlers:
 //! `IORING_OP_WAITID` on the uring backend where the kernel has it, a pidfd
 //! on tokio's reactor otherwise.
 
@@ -409,8 +410,8 @@ impl<A, R> ProcessBuilder<A, R> {
 }
 
 impl<A: Encode, R> ProcessBuilder<A, R> {
-    /// Starts the child. Blocks for the fork and exec (about a millisecond),
-    /// not for the child's work.
+    /// Starts the child. Blocks for the fork (by the fork server) or the
+    /// exec, not for the child's work.
     ///
     /// Fails with [`ErrorKind::Spawn`] (missing binary, unknown core, exec
     /// error, a handle that cannot be handed over) and leaks nothing: handles
