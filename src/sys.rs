@@ -388,8 +388,10 @@ pub fn recv_with_fds(
     Ok((n as usize, fds))
 }
 
-/// Whether `fd` is open in this process.
-pub fn is_open(fd: RawFd) -> bool {
+/// Whether `fd` is open without close-on-exec: what an exec'd child
+/// would inherit.
+pub fn is_inheritable(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only reads the fd's flags.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    flags >= 0 && flags & libc::FD_CLOEXEC == 0
 }

@@ -13,6 +13,55 @@ async fn add(pair: (u64, u64)) -> u64 {
     pair.0 + pair.1
 }
 
+/// Sends 7 on `tx`; returns what fds 0–2 are (the child's own runtime may
+/// have taken free ones) and whether SIGINT is at its default action.
+async fn send_and_report(mut tx: ringipc::Sender<u32>) -> (Vec<String>, bool) {
+    tx.send(&7).await.unwrap();
+    tx.close().await.unwrap();
+    let fds = (0..3)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    // SAFETY: sigaction with a null new action only reads the current one.
+    let sigint_default = unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, std::ptr::null(), &mut old);
+        old.sa_sigaction == libc::SIG_DFL
+    };
+    (fds, sigint_default)
+}
+
+/// Starts a forked child with a handle through the server; with
+/// `stdio_closed`, checks no pipe of ours became its stdio.
+async fn handle_through_server(stdio_closed: bool) {
+    let (tx, mut rx) = ringipc::ChannelConfig::new()
+        .backend(Backend::Epoll)
+        .pipe::<u32>()
+        .unwrap();
+    let mut p = Process::builder_async(send_and_report)
+        .arg(tx)
+        .backend(Backend::Epoll)
+        .start()
+        .unwrap();
+    assert_eq!(p.started_by(), StartMode::Fork);
+    let m = rx.recv_timeout(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(m.to_native(), 7);
+    let (fds, sigint_default) = p.join_value().await.unwrap();
+    if stdio_closed {
+        assert!(
+            fds.iter().all(|f| !f.starts_with("pipe:")),
+            "a pipe of the parent's became the child's stdio: {fds:?}"
+        );
+    }
+    assert!(
+        sigint_default,
+        "the child kept the server's SIG_IGN for SIGINT"
+    );
+}
+
 fn zombie_children() -> Vec<u32> {
     let me = std::process::id().to_string();
     let mut z = Vec::new();
@@ -108,6 +157,34 @@ fn role(role: &str) {
             });
             return;
         }
+        "stdio-closed" => {
+            // A daemon: 0–2 closed after init. Our pipes then sit at 0–2
+            // (close-on-exec): the child gets the handle by index, and none
+            // of them as its stdio.
+            ringipc::init();
+            // SAFETY: closing our own stdio; nothing here uses it again.
+            unsafe {
+                libc::close(0);
+                libc::close(1);
+                libc::close(2);
+            }
+            common::block_on(handle_through_server(true));
+            return;
+        }
+        "server-ignores-sigint" => {
+            ringipc::init();
+            let pid = ringipc::fork_server_pid().unwrap() as i32;
+            // SAFETY: signals to our own child, the server.
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+                libc::kill(pid, libc::SIGTERM);
+                libc::kill(pid, libc::SIGHUP);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            common::block_on(handle_through_server(false));
+            assert_eq!(ringipc::fork_server_pid(), Some(pid as u32));
+            return;
+        }
         other => panic!("unknown role {other}"),
     }
     common::block_on(start_and_check(Backend::Epoll, StartMode::Exec));
@@ -119,7 +196,7 @@ fn main() {
         return;
     }
     ringipc::init();
-    let roles: [(&str, &str, Option<&str>); 5] = [
+    let roles: [(&str, &str, Option<&str>); 7] = [
         ("env_selects_exec", "env-exec", Some("exec")),
         ("env_selects_fork", "env-fork", Some("fork")),
         ("init_with_exec_starts_no_server", "init-with-exec", None),
@@ -127,6 +204,12 @@ fn main() {
         (
             "init_inside_a_current_thread_runtime",
             "init-in-runtime",
+            None,
+        ),
+        ("fork_with_stdio_closed", "stdio-closed", None),
+        (
+            "server_survives_sigint_sigterm_sighup",
+            "server-ignores-sigint",
             None,
         ),
     ];

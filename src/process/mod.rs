@@ -552,11 +552,12 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             child_ends.push(fd);
         }
         let forked = if fork {
-            // Inherited stdio is ours as of now: sent if open, else closed
-            // in the child too, as exec would leave it.
+            // Inherited stdio is ours as of now, sent where an exec would
+            // pass it on (open, not close-on-exec: with 0–2 closed, a pipe
+            // of ours may sit there), else closed in the child too.
             let mut sent = stdio;
             for (i, s) in sent.iter_mut().enumerate() {
-                if s.is_none() && sys::is_open(i as RawFd) {
+                if s.is_none() && sys::is_inheritable(i as RawFd) {
                     *s = Some(i as RawFd);
                 }
             }
