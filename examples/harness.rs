@@ -40,6 +40,9 @@ mod fanout;
 )]
 mod measure;
 
+#[path = "common/forkbench.rs"]
+mod forkbench;
+
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use measure::{Contender, CpuSnapshot, Latency, Settings, Side, Throughput};
@@ -158,6 +161,8 @@ struct Report {
     /// the page tables of all of it.
     child_start_parent_rss_kib: Option<u64>,
     pool: PoolReport,
+    /// Scenario 5: fork server against re-exec.
+    fork_server: forkbench::Report,
     /// Cells that failed, with the error.
     failures: Vec<Failure>,
     /// Share of the machine other processes used during each scenario step.
@@ -1292,6 +1297,12 @@ fn targets(r: &Report, plan: &Plan) -> Vec<Target> {
         None => not_measured(what, "/bin/true could not be run"),
     });
 
+    out.push(all_backends(
+        "fork server: start-to-join of an empty function <= 1.0x /bin/true",
+        forkbench::fork_ratios(&r.fork_server),
+        |x| x <= 1.0,
+    ));
+
     let floor = 0.9 * plan.cores as f64;
     let what = format!(
         "pool 1 ms job: {} workers >= {floor:.1}x one worker (1.8x on 2 cores)",
@@ -1520,7 +1531,7 @@ fn print_child_start(r: &Report, plan: &Plan) {
     println!();
     println!("3. child start-to-join (microseconds; vs /bin/true = median / /bin/true's median)");
     println!(
-        "   ringipc-*: Process::builder(empty).arg(()).backend(b).start() + join().await{}",
+        "   ringipc-*: Process::builder(empty).arg(()).backend(b).start() + join().await, default start mode{}",
         match plan.pin {
             Some([_, b]) => format!(", child pinned to core {b}"),
             None => String::new(),
@@ -1767,8 +1778,17 @@ fn one_two_five(lo: f64, hi: f64) -> Vec<f64> {
 
 fn main() {
     // Children (process start, pool workers) re-execute this binary and
-    // take over here: nothing may run before this line.
+    // take over here: nothing may run before this line (but scenario 5's
+    // memory reading, skipped in children).
+    let measure_rss =
+        std::env::var_os("RINGIPC_CHILD").is_none() && std::env::var_os(EXIT_AT_ONCE).is_none();
+    if measure_rss {
+        forkbench::note_rss_before_init();
+    }
     ringipc::init();
+    if measure_rss {
+        forkbench::note_rss_after_init_now();
+    }
     if std::env::var_os(EXIT_AT_ONCE).is_some() {
         return; // scenario 3's "exec self" child
     }
@@ -1863,6 +1883,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         child_start: Vec::new(),
         child_start_parent_rss_kib: None,
         pool: PoolReport::default(),
+        fork_server: forkbench::Report::default(),
         failures: Vec::new(),
         foreign_load: Vec::new(),
         targets: Vec::new(),
@@ -1881,6 +1902,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     run_many_channels(&plan, &mut report, &bar);
     run_child_start(&plan, &mut report, &bar);
     run_pool(&plan, &mut report, &bar);
+    bar.set_message("5. fork server vs re-exec");
+    report.fork_server = forkbench::run(&plan.backends, plan.cell, plan.reps());
     bar.finish_and_clear();
 
     report.targets = targets(&report, &plan);
@@ -1890,6 +1913,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     fanout::print(&report.many_channels);
     print_child_start(&report, &plan);
     print_pool(&report, &plan);
+    forkbench::print(&report.fork_server);
     print_targets(&report);
 
     report.total_seconds = t0.elapsed().as_secs_f64();

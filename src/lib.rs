@@ -84,7 +84,8 @@ pub use message::{Decode, Encode, Message, OwnedMessage};
 pub use pool::{MapResults, Pool, PoolBuilder, WorkerStats};
 pub use process::{
     Affinity, ArchivedHandoffState, ChildStdio, EXIT_PANIC, EXIT_START_FAILED, ExitStatus,
-    HandoffResolver, HandoffState, OnDrop, Process, ProcessBuilder, init, join_all, join_any,
-    spawn, spawn_async,
+    HandoffResolver, HandoffState, InitOptions, OnDrop, Process, ProcessBuilder, StartMode,
+    default_start_mode, fork_server_pid, init, init_with, join_all, join_any,
+    set_default_start_mode, spawn, spawn_async,
 };
 pub use rkyv;

@@ -211,6 +211,26 @@ async fn recv_rest(mut rx: Receiver<u32>) -> Vec<u32> {
     v
 }
 
+fn env_and_cwd(key: String) -> (Option<String>, String, Option<String>) {
+    (
+        std::env::var(&key).ok(),
+        std::env::current_dir().unwrap().display().to_string(),
+        std::env::var("RINGIPC_CHILD").ok(),
+    )
+}
+
+fn hash_of_fresh_random_state(_: ()) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+}
+
+fn stdin_len_then_stderr(_: ()) -> u64 {
+    let mut input = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).unwrap();
+    eprint!("to stderr");
+    input.len() as u64
+}
+
 // ---- tests (run in the parent, once per backend) ----
 
 fn exit_codes_and_signals(b: Backend) {
@@ -848,6 +868,158 @@ fn join_pending_on_exited_thread(b: Backend) {
     });
 }
 
+fn started_in_the_default_mode(b: Backend) {
+    common::block_on(async {
+        let mut p = Process::builder_async(add)
+            .arg((1, 2))
+            .backend(b)
+            .start()
+            .unwrap();
+        assert_eq!(p.started_by(), ringipc::default_start_mode());
+        assert_eq!(p.join_value().await.unwrap(), 3);
+        let mut p = Process::builder_async(add)
+            .arg((2, 2))
+            .start_mode(ringipc::StartMode::Exec)
+            .backend(b)
+            .start()
+            .unwrap();
+        assert_eq!(p.started_by(), ringipc::StartMode::Exec);
+        assert_eq!(p.join_value().await.unwrap(), 4);
+    });
+}
+
+fn env_and_cwd_as_of_start(b: Backend) {
+    common::block_on(async {
+        let key = format!("RINGIPC_TEST_LATE_{}", b.name());
+        // SAFETY: the harness runs one test at a time and nothing else in
+        // this process reads the environment meanwhile.
+        unsafe { std::env::set_var(&key, "set-after-init") };
+        let before = std::env::current_dir().unwrap();
+        let dir = std::env::temp_dir().canonicalize().unwrap();
+        std::env::set_current_dir(&dir).unwrap();
+        let started = Process::builder(env_and_cwd)
+            .arg(key.clone())
+            .backend(b)
+            .start();
+        std::env::set_current_dir(&before).unwrap();
+        let mut p = started.unwrap();
+        let (value, cwd, marker) = p.join_value().await.unwrap();
+        assert_eq!(value.as_deref(), Some("set-after-init"));
+        assert_eq!(cwd, dir.display().to_string());
+        assert_eq!(marker, None, "the child's start marker leaked into its env");
+
+        let mut p = Process::builder(env_and_cwd)
+            .arg(key.clone())
+            .env(&key, "from-builder")
+            .current_dir("/")
+            .backend(b)
+            .start()
+            .unwrap();
+        let (value, cwd, _) = p.join_value().await.unwrap();
+        assert_eq!(value.as_deref(), Some("from-builder"));
+        assert_eq!(cwd, "/");
+
+        let mut p = Process::builder(env_and_cwd)
+            .arg(key.clone())
+            .env_remove(&key)
+            .backend(b)
+            .start()
+            .unwrap();
+        assert_eq!(p.join_value().await.unwrap().0, None);
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(&key) };
+    });
+}
+
+fn random_state_differs_between_siblings(b: Backend) {
+    common::block_on(async {
+        let start = || {
+            Process::builder(hash_of_fresh_random_state)
+                .arg(())
+                .backend(b)
+                .start()
+                .unwrap()
+        };
+        let (mut x, mut y) = (start(), start());
+        let (hx, hy) = (x.join_value().await.unwrap(), y.join_value().await.unwrap());
+        assert_ne!(hx, hy, "two children share std's HashMap keys");
+    });
+}
+
+fn server_holds_no_application_fds(b: Backend) {
+    common::block_on(async {
+        // A handle passed to a child: once the child is gone, nobody (not
+        // the fork server that forwarded it) may hold its write end.
+        let (tx, mut rx) = cfg(b).pipe::<u64>().unwrap();
+        let mut p = Process::builder_async(send_n)
+            .arg((tx, 3))
+            .backend(b)
+            .start()
+            .unwrap();
+        for i in 0..3 {
+            let m = rx.recv_timeout(Duration::from_secs(20)).await.unwrap();
+            assert_eq!(m.to_native(), i);
+        }
+        let e = rx.recv_timeout(Duration::from_secs(20)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+        assert!(p.join().await.unwrap().success());
+        // A pipe made after init: EOF as soon as this side drops its end.
+        let (tx, mut rx) = cfg(b).pipe::<u64>().unwrap();
+        drop(tx);
+        let e = rx.recv_timeout(Duration::from_secs(20)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+        if let Some(pid) = ringipc::fork_server_pid() {
+            let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .flatten()
+                .map(|e| {
+                    let t = std::fs::read_link(e.path()).unwrap_or_default();
+                    format!("{}={}", e.file_name().to_string_lossy(), t.display())
+                })
+                .collect();
+            assert_eq!(
+                fds.len(),
+                1,
+                "the fork server holds more than its socket: {fds:?}"
+            );
+            assert!(fds[0].contains("socket:"), "{fds:?}");
+        }
+    });
+}
+
+fn stdio_piped_null_and_file(b: Backend) {
+    common::block_on(async {
+        let path = std::env::temp_dir().join(format!(
+            "ringipc-stderr-{}-{}",
+            std::process::id(),
+            b.name()
+        ));
+        let file = std::fs::File::create(&path).unwrap();
+        let mut p = Process::builder(stdin_len_then_stderr)
+            .arg(())
+            .stdin(ringipc::ChildStdio::Piped)
+            .stderr(file)
+            .backend(b)
+            .start()
+            .unwrap();
+        let mut stdin = p.take_stdin().expect("piped stdin");
+        std::io::Write::write_all(&mut stdin, b"abcd").unwrap();
+        drop(stdin);
+        assert_eq!(p.join_value().await.unwrap(), 4);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "to stderr");
+        let _ = std::fs::remove_file(&path);
+
+        let mut p = Process::builder(stdin_len_then_stderr)
+            .arg(())
+            .stdin(ringipc::ChildStdio::Null)
+            .stderr(ringipc::ChildStdio::Null)
+            .backend(b)
+            .start()
+            .unwrap();
+        assert_eq!(p.join_value().await.unwrap(), 0);
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -893,5 +1065,16 @@ fn main() {
             "join_pending_on_exited_thread",
             join_pending_on_exited_thread,
         ),
+        ("started_in_the_default_mode", started_in_the_default_mode),
+        ("env_and_cwd_as_of_start", env_and_cwd_as_of_start),
+        (
+            "random_state_differs_between_siblings",
+            random_state_differs_between_siblings,
+        ),
+        (
+            "server_holds_no_application_fds",
+            server_holds_no_application_fds,
+        ),
+        ("stdio_piped_null_and_file", stdio_piped_null_and_file),
     ]);
 }

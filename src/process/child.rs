@@ -1,6 +1,7 @@
 //! The child side: `ringipc::init()` recognises a process started by
 //! `Process::start`, runs the requested entry and exits with its outcome.
 
+use super::forkserver::{self, StartMode};
 use super::handoff;
 use super::spec::{ArchivedSpec, CHILD_ENV, Outcome, Spec};
 use crate::framing::Encoder;
@@ -22,12 +23,16 @@ pub const EXIT_START_FAILED: i32 = 102;
 /// Takes over a process started by [`Process`](crate::Process): call it as the
 /// first line of `main` in every binary that starts children.
 ///
-/// In an ordinary process it returns at once. In a child it never returns: it
+/// In an ordinary process it forks the fork server that later forks
+/// children (while the process is still single-threaded; with threads
+/// already running it starts none and children are re-executed, see
+/// [`StartMode`]) and returns. In a re-executed child it never returns: it
 /// runs the requested entry function on a fresh tokio runtime and exits.
-/// Code placed before `init()` runs in every child too (it runs before
-/// ringipc knows it is a child), so keep `main`'s first line for `init()`:
-/// anything earlier — logging set-up, opened files, spawned threads — would
-/// happen again in each child, and fds it opens would be closed under it.
+/// Code placed before `init()` runs again in every re-executed child (it
+/// runs before ringipc knows it is a child), and its state is shared by
+/// every forked one, so keep `main`'s first line for `init()`: anything
+/// earlier — logging set-up, opened files, spawned threads, seeded random
+/// generators — would happen again in each child or be shared by all.
 ///
 /// ```no_run
 /// # #[allow(clippy::needless_doctest_main)]
@@ -37,10 +42,42 @@ pub const EXIT_START_FAILED: i32 = 102;
 /// }
 /// ```
 pub fn init() {
+    init_with(InitOptions::default());
+}
+
+/// [`init`] with options: how this process will start its children.
+///
+/// `RINGIPC_START=fork|exec` in the environment overrides
+/// [`InitOptions::start_mode`], as `RINGIPC_BACKEND` overrides the backend.
+///
+/// ```no_run
+/// # #[allow(clippy::needless_doctest_main)]
+/// fn main() {
+///     ringipc::init_with(ringipc::InitOptions::new().start_mode(ringipc::StartMode::Exec));
+///     // ... the program, whose children are re-executed, never forked ...
+/// }
+/// ```
+pub fn init_with(options: InitOptions) {
     if INIT_CALLED.swap(true, Ordering::SeqCst) {
         return;
     }
     let Some(value) = std::env::var_os(CHILD_ENV) else {
+        let mode = match std::env::var("RINGIPC_START").as_deref() {
+            Ok("fork") => StartMode::Fork,
+            Ok("exec") => StartMode::Exec,
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "RINGIPC_START is neither fork nor exec; ignored"
+                );
+                options.start_mode
+            }
+            Err(_) => options.start_mode,
+        };
+        forkserver::set_default_start_mode(mode);
+        if mode == StartMode::Fork {
+            forkserver::start_server();
+        }
         return;
     };
     // SAFETY: `init` runs first in `main`, before the program starts threads
@@ -59,7 +96,28 @@ pub fn init() {
     std::process::exit(code);
 }
 
-fn read_spec(fd: RawFd) -> Result<AlignedVec<16>, String> {
+/// Options for [`init_with`].
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct InitOptions {
+    start_mode: StartMode,
+}
+
+impl InitOptions {
+    /// The defaults: [`StartMode::Fork`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How children are started by default. [`StartMode::Exec`] starts no
+    /// fork server at all.
+    pub fn start_mode(mut self, mode: StartMode) -> Self {
+        self.start_mode = mode;
+        self
+    }
+}
+
+pub(super) fn read_spec(fd: RawFd) -> Result<AlignedVec<16>, String> {
     // SAFETY: the parent passed this fd for us alone; we take ownership once.
     let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let mut raw = Vec::new();
@@ -88,7 +146,19 @@ fn run(spec_fd: Option<RawFd>) -> Result<i32, String> {
     if !in_runtime {
         sys::close_fds_except(&keep);
     }
-    for &fd in &keep {
+    run_spec(spec, control_fd, fds, in_runtime)
+}
+
+/// The child's side once its fds are in place, shared by re-executed and
+/// forked children: `control_fd` and `fds` (the handles, by index) are open
+/// and everything else is closed.
+pub(super) fn run_spec(
+    spec: &ArchivedSpec,
+    control_fd: RawFd,
+    fds: Vec<RawFd>,
+    in_runtime: bool,
+) -> Result<i32, String> {
+    for &fd in fds.iter().chain(std::iter::once(&control_fd)) {
         // Our own children must not inherit these.
         sys::set_cloexec(fd, true).map_err(|e| format!("fd {fd}: {e}"))?;
     }

@@ -1,20 +1,23 @@
 //! Child processes that run a Rust function: start, pass channel handles,
 //! pin, watch, join.
 //!
-//! Children are started by re-executing the current binary
-//! (`/proc/self/exe`), never by `fork()`ing the running program: the child
-//! takes over at [`init`](crate::init), runs the entry function on a fresh
-//! tokio runtime, sends its return value (or panic message) back on a
-//! private pipe and exits. Exit is observed without SIGCHLD handlers:
+//! Children are forked by the fork server that [`init`](crate::init)
+//! started while the program was single-threaded (`forkserver.rs`), or
+//! started by re-executing the current binary (`/proc/self/exe`), never by
+//! `fork()`ing the running program. Either way the child runs the entry
+//! function on a fresh tokio runtime, sends its return value (or panic
+//! message) back on a private pipe and exits. Exit is observed without SIGCHLD handlers:
 //! `IORING_OP_WAITID` on the uring backend where the kernel has it, a pidfd
 //! on tokio's reactor otherwise.
 
 mod child;
+mod forkserver;
 pub(crate) mod handoff;
 mod spawner;
 pub(crate) mod spec;
 
-pub use child::{EXIT_PANIC, EXIT_START_FAILED, init};
+pub use child::{EXIT_PANIC, EXIT_START_FAILED, InitOptions, init, init_with};
+pub use forkserver::{StartMode, default_start_mode, fork_server_pid, set_default_start_mode};
 pub use handoff::{ArchivedHandoffState, HandoffResolver, HandoffState};
 
 use crate::backend::Backend;
@@ -297,6 +300,7 @@ pub struct ProcessBuilder<A, R> {
     stderr: ChildStdio,
     backend: Backend,
     on_drop: OnDrop,
+    start_mode: Option<StartMode>,
     _r: PhantomData<fn() -> R>,
 }
 
@@ -316,6 +320,7 @@ impl<A, R> ProcessBuilder<A, R> {
             stderr: ChildStdio::Inherit,
             backend: Backend::Auto,
             on_drop: OnDrop::Kill,
+            start_mode: None,
             _r: PhantomData,
         }
     }
@@ -395,11 +400,18 @@ impl<A, R> ProcessBuilder<A, R> {
         self.on_drop = on_drop;
         self
     }
+
+    /// How this child is started (default: [`default_start_mode`]). A fork
+    /// asked for where no fork server runs is a re-exec.
+    pub fn start_mode(mut self, mode: StartMode) -> Self {
+        self.start_mode = Some(mode);
+        self
+    }
 }
 
 impl<A: Encode, R> ProcessBuilder<A, R> {
-    /// Starts the child. Blocks for the fork and exec (about a millisecond),
-    /// not for the child's work.
+    /// Starts the child. Blocks for the fork (by the fork server) or the
+    /// exec, not for the child's work.
     ///
     /// Fails with [`ErrorKind::Spawn`] (missing binary, unknown core, exec
     /// error, a handle that cannot be handed over) and leaks nothing: handles
@@ -438,24 +450,11 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         let (ctl_r, ctl_w) = sys::pipe().map_err(|e| spawn_err("pipe").with_source(e))?;
         // SAFETY: getpid has no preconditions.
         let parent_pid = unsafe { libc::getpid() };
-        let spec = Spec {
-            anchor_check: Spec::anchor_check(),
-            trampoline: Spec::offset(self.trampoline as usize),
-            entry: Spec::offset(self.entry),
-            args: args_bytes,
-            fds: fds.clone(),
-            control_fd: ctl_w.as_raw_fd(),
-            parent_pid,
-            die_with_parent: self.die_with_parent,
-            name: name.clone(),
-            cpus: cpus.iter().flatten().map(|&c| c as u32).collect(),
+        let cstring = |bytes: Vec<u8>| {
+            CString::new(bytes)
+                .map_err(|_| spawn_err("a NUL byte in the name, environment or directory"))
         };
-        let spec_bytes = rkyv::to_bytes::<rancor::Error>(&spec)
-            .map_err(|e| spawn_err("cannot encode the start spec").with_source(e))?;
-        let memfd: OwnedFd = sys::memfd_with(c"ringipc-spec", &spec_bytes)
-            .map_err(|e| spawn_err("memfd_create").with_source(e))?;
-
-        // The child's environment: ours, with the builder's changes.
+        // The child's environment: ours as of now, with the builder's changes.
         let mut envs: std::collections::BTreeMap<OsString, OsString> =
             std::env::vars_os().collect();
         for (k, v) in &self.envs {
@@ -464,14 +463,10 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
                 None => envs.remove(k),
             };
         }
-        envs.insert(CHILD_ENV.into(), memfd.as_raw_fd().to_string().into());
+        envs.remove(std::ffi::OsStr::new(CHILD_ENV));
         if self.backend != Backend::Auto {
             envs.insert("RINGIPC_BACKEND".into(), backend.name().into());
         }
-        let cstring = |bytes: Vec<u8>| {
-            CString::new(bytes)
-                .map_err(|_| spawn_err("a NUL byte in the name, environment or directory"))
-        };
         let env = envs
             .into_iter()
             .map(|(k, v)| {
@@ -485,6 +480,49 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             Some(dir) => Some(cstring(dir.as_os_str().as_bytes().to_vec())?),
             None => None,
         };
+        let mode = self
+            .start_mode
+            .unwrap_or_else(forkserver::default_start_mode);
+        let fork = mode == StartMode::Fork && forkserver::fork_server_pid().is_some();
+        if fork && let Some(dir) = &self.cwd {
+            // A forked child changes directory after its pid is known:
+            // report a directory it cannot enter here, as exec would.
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(spawn_err(&format!("{} is not a directory", dir.display()))),
+                Err(e) => return Err(spawn_err(&format!("chdir {}", dir.display())).with_source(e)),
+            }
+        }
+        let spec = Spec {
+            anchor_check: Spec::anchor_check(),
+            trampoline: Spec::offset(self.trampoline as usize),
+            entry: Spec::offset(self.entry),
+            args: args_bytes,
+            fds: fds.clone(),
+            control_fd: ctl_w.as_raw_fd(),
+            parent_pid,
+            die_with_parent: self.die_with_parent,
+            name: name.clone(),
+            cpus: cpus.iter().flatten().map(|&c| c as u32).collect(),
+            env: fork.then(|| env.iter().map(|e| e.as_bytes().to_vec()).collect()),
+            // A forked child starts in the server's directory (the one at
+            // `init`): it moves to ours as of now, as an exec'd one inherits.
+            cwd: if fork {
+                match &cwd {
+                    Some(c) => Some(c.as_bytes().to_vec()),
+                    None => std::env::current_dir()
+                        .ok()
+                        .map(|d| d.into_os_string().into_vec()),
+                }
+            } else {
+                None
+            },
+        };
+        let spec_bytes = rkyv::to_bytes::<rancor::Error>(&spec)
+            .map_err(|e| spawn_err("cannot encode the start spec").with_source(e))?;
+        let memfd: OwnedFd = sys::memfd_with(c"ringipc-spec", &spec_bytes)
+            .map_err(|e| spawn_err("memfd_create").with_source(e))?;
+
         // Stdio: the child's ends are dropped after the spawn, the parent's
         // ends of pipes are handed out by `take_stdin` and friends.
         let mut child_ends: Vec<OwnedFd> = Vec::new();
@@ -513,18 +551,47 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             stdio[i] = Some(fd.as_raw_fd());
             child_ends.push(fd);
         }
-        let mut inherit: Vec<RawFd> = vec![memfd.as_raw_fd(), ctl_w.as_raw_fd()];
-        inherit.extend_from_slice(&fds);
-        inherit.sort_unstable();
-        inherit.dedup();
-        let pid = spawner::launch(spawner::SpawnRequest {
-            argv0: cstring(name.clone().into_bytes())?,
-            env,
-            cwd,
-            inherit,
-            stdio,
-        })
-        .map_err(|e| spawn_err("exec").with_source(e))?;
+        let forked = if fork {
+            // Inherited stdio is ours as of now, sent where an exec would
+            // pass it on (open, not close-on-exec: with 0–2 closed, a pipe
+            // of ours may sit there), else closed in the child too.
+            let mut sent = stdio;
+            for (i, s) in sent.iter_mut().enumerate() {
+                if s.is_none() && sys::is_inheritable(i as RawFd) {
+                    *s = Some(i as RawFd);
+                }
+            }
+            forkserver::launch(&forkserver::ForkRequest {
+                spec: memfd.as_raw_fd(),
+                control: ctl_w.as_raw_fd(),
+                stdio: sent,
+                handles: &fds,
+            })
+        } else {
+            None
+        };
+        let (pid, started_by) = match forked {
+            Some(pid) => (pid, StartMode::Fork),
+            None => {
+                let mut env = env;
+                env.push(cstring(
+                    format!("{CHILD_ENV}={}", memfd.as_raw_fd()).into_bytes(),
+                )?);
+                let mut inherit: Vec<RawFd> = vec![memfd.as_raw_fd(), ctl_w.as_raw_fd()];
+                inherit.extend_from_slice(&fds);
+                inherit.sort_unstable();
+                inherit.dedup();
+                let pid = spawner::launch(spawner::SpawnRequest {
+                    argv0: cstring(name.clone().into_bytes())?,
+                    env,
+                    cwd,
+                    inherit,
+                    stdio,
+                })
+                .map_err(|e| spawn_err("exec").with_source(e))?;
+                (pid, StartMode::Exec)
+            }
+        };
         // The child holds its copies now; the parent's go (handles in `args`
         // were marked as moved when they were encoded).
         drop(args);
@@ -560,7 +627,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         } else {
             Waiter::Epoll(EpollWait::default())
         };
-        tracing::debug!(pid, name = %name, "started child");
+        tracing::debug!(pid, name = %name, mode = started_by.name(), "started child");
         Ok(Process {
             waiter,
             pidfd,
@@ -570,6 +637,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             outcome: None,
             status: None,
             on_drop: self.on_drop,
+            started_by,
             stdin,
             stdout,
             stderr,
@@ -596,6 +664,7 @@ pub struct Process<R = ()> {
     outcome: Option<Outcome>,
     status: Option<ExitStatus>,
     on_drop: OnDrop,
+    started_by: StartMode,
     stdin: Option<std::fs::File>,
     stdout: Option<std::fs::File>,
     stderr: Option<std::fs::File>,
@@ -637,6 +706,12 @@ impl<R> Process<R> {
     /// The name given at start.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How the child was actually started: [`StartMode::Exec`] where a
+    /// fork was asked for but no fork server was usable.
+    pub fn started_by(&self) -> StartMode {
+        self.started_by
     }
 
     fn ctx(&self, op: &str) -> String {

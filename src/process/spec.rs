@@ -26,6 +26,12 @@ pub(crate) struct Spec {
     pub name: String,
     /// Cores to pin to (empty: not pinned), applied before the entry runs.
     pub cpus: Vec<u32>,
+    /// A child forked by the fork server gets the application's environment
+    /// (as `KEY=VALUE`) as of its start here; a re-executed one through
+    /// `execve` (`None`).
+    pub env: Option<Vec<Vec<u8>>>,
+    /// Likewise the working directory of a forked child (`None`: unchanged).
+    pub cwd: Option<Vec<u8>>,
 }
 
 /// The reference point for code addresses. A static has exactly one address

@@ -1,7 +1,7 @@
 //! Shared test support: every I/O test body runs once per backend.
 #![allow(dead_code)]
 
-use ringipc::{Backend, ChannelConfig};
+use ringipc::{Backend, ChannelConfig, StartMode};
 use std::future::Future;
 
 /// Runs `body` on a fresh current-thread runtime with channels on `backend`.
@@ -43,24 +43,45 @@ pub type Test = (&'static str, fn(Backend));
 
 /// A tiny libtest look-alike for `harness = false` test binaries, whose
 /// `main` must call `ringipc::init()` first so they can start children.
-/// Each test runs once per backend; an argument filters tests by substring.
+/// Each test runs once per start mode (fork server, re-exec) and backend, as
+/// `fork::uring::name`; an argument filters tests by substring.
 pub fn harness(tests: &[Test]) {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let uring = ringipc::uring_probe();
+    // The fork cases must fork: a server missing here (init ran late, or
+    // RINGIPC_START=exec) would make them re-exec cases under another name.
+    let fork_ok = match ringipc::fork_server_pid() {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "no fork server (default start mode {})",
+            ringipc::default_start_mode().name()
+        )),
+    };
     let mut cases = Vec::new();
-    for &(name, f) in tests {
-        for backend in [Backend::Uring, Backend::Epoll] {
-            let full = format!("{}::{name}", backend.name());
-            if filter.as_deref().is_some_and(|f| !full.contains(f)) {
-                continue;
+    for mode in [StartMode::Fork, StartMode::Exec] {
+        for &(name, f) in tests {
+            for backend in [Backend::Uring, Backend::Epoll] {
+                let full = format!("{}::{}::{name}", mode.name(), backend.name());
+                if filter.as_deref().is_some_and(|f| !full.contains(f)) {
+                    continue;
+                }
+                cases.push((full, mode, backend, f));
             }
-            cases.push((full, backend, f));
         }
     }
     println!("\nrunning {} tests", cases.len());
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut failures = Vec::new();
-    for (name, backend, f) in cases {
+    for (name, mode, backend, f) in cases {
+        if mode == StartMode::Fork
+            && let Err(why) = &fork_ok
+        {
+            println!("test {name} ... FAILED: {why}");
+            failures.push(name);
+            failed += 1;
+            continue;
+        }
+        ringipc::set_default_start_mode(mode);
         if backend == Backend::Uring
             && let Err(why) = &uring
         {

@@ -1,0 +1,264 @@
+//! The fork server's life: its fallback to re-exec when it is gone, and the
+//! ways to do without it (`RINGIPC_START=exec`, `init_with`, `init` after
+//! threads exist). Each scenario that needs a process of its own re-executes
+//! this binary with `RINGIPC_TEST_ROLE` set. (`harness = false`.)
+
+mod common;
+
+use ringipc::{Backend, Process, StartMode};
+use std::process::Command;
+use std::time::Duration;
+
+async fn add(pair: (u64, u64)) -> u64 {
+    pair.0 + pair.1
+}
+
+/// Sends 7 on `tx`; returns what fds 0–2 are (the child's own runtime may
+/// have taken free ones) and whether SIGINT is at its default action.
+async fn send_and_report(mut tx: ringipc::Sender<u32>) -> (Vec<String>, bool) {
+    tx.send(&7).await.unwrap();
+    tx.close().await.unwrap();
+    let fds = (0..3)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    // SAFETY: sigaction with a null new action only reads the current one.
+    let sigint_default = unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, std::ptr::null(), &mut old);
+        old.sa_sigaction == libc::SIG_DFL
+    };
+    (fds, sigint_default)
+}
+
+/// Starts a forked child with a handle through the server; with
+/// `stdio_closed`, checks no pipe of ours became its stdio.
+async fn handle_through_server(stdio_closed: bool) {
+    let (tx, mut rx) = ringipc::ChannelConfig::new()
+        .backend(Backend::Epoll)
+        .pipe::<u32>()
+        .unwrap();
+    let mut p = Process::builder_async(send_and_report)
+        .arg(tx)
+        .backend(Backend::Epoll)
+        .start()
+        .unwrap();
+    assert_eq!(p.started_by(), StartMode::Fork);
+    let m = rx.recv_timeout(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(m.to_native(), 7);
+    let (fds, sigint_default) = p.join_value().await.unwrap();
+    if stdio_closed {
+        assert!(
+            fds.iter().all(|f| !f.starts_with("pipe:")),
+            "a pipe of the parent's became the child's stdio: {fds:?}"
+        );
+    }
+    assert!(
+        sigint_default,
+        "the child kept the server's SIG_IGN for SIGINT"
+    );
+}
+
+fn zombie_children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    let mut z = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let mut f = after.split(' ');
+        let (state, ppid) = (f.next().unwrap(), f.next().unwrap());
+        if ppid == me && state == "Z" {
+            z.push(pid);
+        }
+    }
+    z
+}
+
+async fn start_and_check(backend: Backend, expect: StartMode) {
+    for i in 0..3 {
+        let mut p = Process::builder_async(add)
+            .arg((i, 1))
+            .backend(backend)
+            .start()
+            .unwrap();
+        assert_eq!(p.started_by(), expect);
+        assert_eq!(p.join_value().await.unwrap(), i + 1);
+    }
+}
+
+/// Runs in the test binary's own process, after the role scenarios: kills
+/// the server, then starts must re-execute, and the server is reaped.
+async fn killed_server_falls_back(backend: Backend) {
+    if let Some(pid) = ringipc::fork_server_pid() {
+        start_and_check(backend, StartMode::Fork).await;
+        // SAFETY: kill on the server's pid, which is our unreaped child.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        // Let it die before the next start, which then finds it gone.
+        let t = std::time::Instant::now();
+        while !zombie_children().contains(&pid) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    start_and_check(backend, StartMode::Exec).await;
+    assert_eq!(ringipc::fork_server_pid(), None);
+    assert!(
+        zombie_children().is_empty(),
+        "zombies: {:?}",
+        zombie_children()
+    );
+}
+
+fn role(role: &str) {
+    match role {
+        "env-exec" => {
+            ringipc::init();
+            assert_eq!(ringipc::fork_server_pid(), None);
+            assert_eq!(ringipc::default_start_mode(), StartMode::Exec);
+        }
+        "init-with-exec" => {
+            ringipc::init_with(ringipc::InitOptions::new().start_mode(StartMode::Exec));
+            assert_eq!(ringipc::fork_server_pid(), None);
+        }
+        "late-init" => {
+            // A thread exists before init: no fork server, re-exec only.
+            // (Children re-run this line before their own init: harmless.)
+            let t = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(200)));
+            ringipc::init();
+            assert_eq!(ringipc::fork_server_pid(), None);
+            assert_eq!(ringipc::default_start_mode(), StartMode::Fork);
+            t.join().unwrap();
+        }
+        "env-fork" => {
+            ringipc::init();
+            assert!(ringipc::fork_server_pid().is_some());
+            common::block_on(start_and_check(Backend::Epoll, StartMode::Fork));
+            return;
+        }
+        "init-in-runtime" => {
+            // `#[tokio::main(flavor = "current_thread")]`: init inside a
+            // runtime, still single-threaded, so a server is forked; its
+            // children must not trip over the runtime the fork copied.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                ringipc::init();
+                assert!(ringipc::fork_server_pid().is_some());
+                start_and_check(Backend::Epoll, StartMode::Fork).await;
+            });
+            return;
+        }
+        "stdio-closed" => {
+            // A daemon: 0–2 closed after init. Our pipes then sit at 0–2
+            // (close-on-exec): the child gets the handle by index, and none
+            // of them as its stdio.
+            ringipc::init();
+            // SAFETY: closing our own stdio; nothing here uses it again.
+            unsafe {
+                libc::close(0);
+                libc::close(1);
+                libc::close(2);
+            }
+            common::block_on(handle_through_server(true));
+            return;
+        }
+        "server-ignores-sigint" => {
+            ringipc::init();
+            let pid = ringipc::fork_server_pid().unwrap() as i32;
+            // SAFETY: signals to our own child, the server.
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+                libc::kill(pid, libc::SIGTERM);
+                libc::kill(pid, libc::SIGHUP);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            common::block_on(handle_through_server(false));
+            assert_eq!(ringipc::fork_server_pid(), Some(pid as u32));
+            return;
+        }
+        other => panic!("unknown role {other}"),
+    }
+    common::block_on(start_and_check(Backend::Epoll, StartMode::Exec));
+}
+
+fn main() {
+    if let Ok(r) = std::env::var("RINGIPC_TEST_ROLE") {
+        role(&r);
+        return;
+    }
+    ringipc::init();
+    let roles: [(&str, &str, Option<&str>); 7] = [
+        ("env_selects_exec", "env-exec", Some("exec")),
+        ("env_selects_fork", "env-fork", Some("fork")),
+        ("init_with_exec_starts_no_server", "init-with-exec", None),
+        ("init_after_threads_starts_no_server", "late-init", None),
+        (
+            "init_inside_a_current_thread_runtime",
+            "init-in-runtime",
+            None,
+        ),
+        ("fork_with_stdio_closed", "stdio-closed", None),
+        (
+            "server_survives_sigint_sigterm_sighup",
+            "server-ignores-sigint",
+            None,
+        ),
+    ];
+    let mut failed = Vec::new();
+    let total = roles.len() + 2;
+    println!("\nrunning {total} tests");
+    for (name, r, start) in roles {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env("RINGIPC_TEST_ROLE", r);
+        match start {
+            Some(v) => cmd.env("RINGIPC_START", v),
+            None => cmd.env_remove("RINGIPC_START"),
+        };
+        let out = cmd.output().unwrap();
+        if out.status.success() {
+            println!("test {name} ... ok");
+        } else {
+            println!(
+                "test {name} ... FAILED ({})\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            failed.push(name.to_string());
+        }
+    }
+    // Last: these kill this process's server.
+    for backend in [Backend::Uring, Backend::Epoll] {
+        let name = format!("{}::killed_server_falls_back", backend.name());
+        if backend == Backend::Uring
+            && let Err(why) = ringipc::uring_probe()
+        {
+            println!("test {name} ... SKIPPED: the kernel refuses io_uring here: {why}");
+            continue;
+        }
+        match std::panic::catch_unwind(|| common::block_on(killed_server_falls_back(backend))) {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed.push(name);
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {} failed\n",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        total - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(101);
+    }
+}
