@@ -29,6 +29,8 @@
 //! `throughput` example. This file holds scenarios 3 and 4, the report, the
 //! targets and the plot.
 
+#[path = "common/arena_bench.rs"]
+mod arena_bench;
 #[path = "common/measure.rs"]
 #[allow(
     dead_code,
@@ -61,6 +63,9 @@ struct Args {
     /// A few seconds in all: shorter cells, one run each (noisier).
     #[arg(long)]
     quick: bool,
+    /// Only the arena table: one-way bandwidth with every byte read (checksum).
+    #[arg(long)]
+    arena: bool,
     /// Seconds of measurement per cell (one contender at one size) [default: 0.5, or 0.06 with --quick].
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -1680,6 +1685,13 @@ fn main() {
         return; // scenario 3's "exec self" child
     }
     let args = Args::parse();
+    if args.arena {
+        if let Err(e) = arena_bench::run(args.quick) {
+            eprintln!("harness: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = run(args) {
         eprintln!("harness: {e}");
         std::process::exit(1);

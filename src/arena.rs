@@ -23,6 +23,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 pub(crate) use crate::framing::Descriptor;
+use crate::framing::HeldSlots;
 use crate::sys;
 use std::collections::BTreeMap;
 use std::io;
@@ -35,7 +36,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::runtime::{Handle, Id};
 
 /// Slots start at multiples of this many bytes from the data area.
-pub(crate) const SLOT_ALIGN: usize = 4096;
+pub(crate) use crate::framing::SLOT_ALIGN;
 const MAGIC: u64 = u64::from_le_bytes(*b"RIPCAREN");
 const OFF_HEAD: usize = 64;
 const OFF_TAIL: usize = 128;
@@ -520,11 +521,10 @@ impl Slots {
 // ---------------------------------------------------------------- receiver
 
 struct RecvState {
-    /// offset -> end of each slot a message of this process still holds.
-    held: BTreeMap<u64, u64>,
+    /// The slots messages of this process still hold, and the due sequence.
+    held: HeldSlots,
     /// The slot lent to the `Message` of the last `recv` (freed on the next).
     current: Option<Held>,
-    next_seq: u64,
     /// Our copy of the free-ring head (the shared one is only written).
     head: u64,
 }
@@ -561,9 +561,8 @@ impl RecvArena {
             arena,
             notify: Mutex::new(Some(notify)),
             state: Mutex::new(RecvState {
-                held: BTreeMap::new(),
+                held: HeldSlots::new(next_seq),
                 current: None,
-                next_seq,
                 head,
             }),
             trusted,
@@ -597,7 +596,7 @@ impl RecvArena {
             ));
         }
         self.arena.set_crossed();
-        Ok((st.next_seq, st.head))
+        Ok((st.held.next_seq(), st.head))
     }
 
     /// Whether messages are read in place (else copied out first).
@@ -608,35 +607,9 @@ impl RecvArena {
     /// Checks an untrusted descriptor and records its slot as held.
     pub(crate) fn accept(&self, d: &Descriptor) -> Result<Held> {
         let mut st = self.lock();
-        if d.seq != st.next_seq {
-            return Err(protocol(format!(
-                "arena descriptor out of order or stale: sequence {} where {} was due",
-                d.seq, st.next_seq
-            )));
-        }
-        let end = d.offset.checked_add(d.len);
-        if d.len == 0
-            || !d.offset.is_multiple_of(SLOT_ALIGN as u64)
-            || end.is_none_or(|e| e > self.arena.data_len as u64)
-        {
-            return Err(protocol(format!(
-                "arena descriptor out of bounds: offset {} length {} in an arena of {}",
-                d.offset, d.len, self.arena.data_len
-            )));
-        }
-        let end = end.expect("checked above");
-        let overlaps = st
-            .held
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, &e)| e > d.offset);
-        if overlaps {
-            return Err(protocol(
-                "arena descriptor overlaps a slot a message still holds",
-            ));
-        }
-        st.held.insert(d.offset, end);
-        st.next_seq += 1;
+        st.held
+            .accept(d, self.arena.data_len as u64)
+            .map_err(protocol)?;
         Ok(Held {
             offset: d.offset,
             len: d.len as usize,
@@ -692,7 +665,7 @@ impl RecvArena {
     /// Gives a slot back to the sender (wakes it if it waits).
     pub(crate) fn release(&self, h: &Held) {
         let mut st = self.lock();
-        if st.held.remove(&h.offset).is_none() {
+        if !st.held.release(h.offset) {
             return;
         }
         let tail = self.arena.atomic(OFF_TAIL).load(Ordering::Acquire);

@@ -514,13 +514,15 @@ impl SendHalf {
     /// archive reaches the threshold, else inline. Waits (before queueing
     /// anything, so a dropped future queues nothing) while the arena is too
     /// full.
-    async fn push_message<T: Encode>(&mut self, value: &T) -> Result<()> {
+    /// Returns whether the message went through the arena.
+    async fn push_message<T: Encode>(&mut self, value: &T) -> Result<bool> {
         if self.arena.is_none() {
-            return self.push(|buf| encode_into(value, buf));
+            return self.push(|buf| encode_into(value, buf)).map(|()| false);
         }
         loop {
+            let seq = self.arena.as_ref().map_or(0, |a| a.next_seq);
             match self.try_push_arena(value)? {
-                None => return Ok(()),
+                None => return Ok(self.arena.as_ref().is_some_and(|a| a.next_seq != seq)),
                 Some(tried) => {
                     // The receiver can only free slots whose descriptors it
                     // has read: write what is queued, then wait.
@@ -714,8 +716,15 @@ impl<T: Encode> Sender<T> {
     /// Queues one message without waiting for it to be written (it is
     /// written when 256 KiB are queued, or on `flush`/`send`). Frames queued
     /// together go out in one write: use it for bursts of small messages.
+    /// A message that goes through the arena is flushed at once (with what
+    /// was queued before it): its descriptor is all that is left to write.
     pub async fn feed(&mut self, value: &T) -> Result<()> {
-        self.half.push_message(value).await?;
+        if self.half.push_message(value).await? {
+            // The message is already in shared memory: its descriptor goes
+            // out now, so the receiver works while the sender serializes the
+            // next one (holding descriptors back would serialize the two).
+            return self.half.flush().await;
+        }
         self.half.feed_flush().await
     }
 }

@@ -132,6 +132,79 @@ impl Descriptor {
     }
 }
 
+/// Slots of an arena start at multiples of this many bytes.
+pub const SLOT_ALIGN: usize = 4096;
+
+/// The receiver's check of untrusted descriptors (sans-I/O): which slots
+/// messages still hold, and which sequence number is due.
+#[derive(Debug, Clone, Default)]
+pub struct HeldSlots {
+    /// offset -> end of each held slot.
+    held: std::collections::BTreeMap<u64, u64>,
+    next_seq: u64,
+}
+
+impl HeldSlots {
+    /// A table for an arena whose data area holds nothing yet, expecting
+    /// sequence `next_seq` first.
+    pub fn new(next_seq: u64) -> HeldSlots {
+        HeldSlots {
+            held: Default::default(),
+            next_seq,
+        }
+    }
+
+    /// The sequence number the next descriptor must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Whether no slot is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Checks a descriptor against an arena of `data_len` bytes and records
+    /// its slot as held: it must carry the due sequence number, lie inside
+    /// the arena, start on a slot boundary, be non-empty, and not overlap a
+    /// held slot. On error nothing changes.
+    pub fn accept(&mut self, d: &Descriptor, data_len: u64) -> Result<(), String> {
+        if d.seq != self.next_seq {
+            return Err(format!(
+                "arena descriptor out of order or stale: sequence {} where {} was due",
+                d.seq, self.next_seq
+            ));
+        }
+        let end = d.offset.checked_add(d.len);
+        if d.len == 0
+            || !d.offset.is_multiple_of(SLOT_ALIGN as u64)
+            || end.is_none_or(|e| e > data_len)
+        {
+            return Err(format!(
+                "arena descriptor out of bounds: offset {} length {} in an arena of {data_len}",
+                d.offset, d.len
+            ));
+        }
+        let end = end.expect("checked above");
+        let overlaps = self
+            .held
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > d.offset);
+        if overlaps {
+            return Err("arena descriptor overlaps a slot a message still holds".into());
+        }
+        self.held.insert(d.offset, end);
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Forgets the slot at `offset`; false if it was not held.
+    pub fn release(&mut self, offset: u64) -> bool {
+        self.held.remove(&offset).is_some()
+    }
+}
+
 /// Rounds `n` up to a multiple of [`FRAME_ALIGN`].
 pub const fn padded(n: usize) -> usize {
     (n + FRAME_ALIGN - 1) & !(FRAME_ALIGN - 1)
