@@ -66,6 +66,9 @@ struct Args {
     /// Only the arena table: one-way bandwidth with every byte read (checksum).
     #[arg(long)]
     arena: bool,
+    /// Turn ringipc's shared-memory arena off (every message over the pipe).
+    #[arg(long)]
+    no_arena: bool,
     /// Seconds of measurement per cell (one contender at one size) [default: 0.5, or 0.06 with --quick].
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -1685,6 +1688,11 @@ fn main() {
         return; // scenario 3's "exec self" child
     }
     let args = Args::parse();
+    if args.no_arena {
+        ringipc::ChannelConfig::new()
+            .arena(false)
+            .set_process_default();
+    }
     if args.arena {
         if let Err(e) = arena_bench::run(args.quick) {
             eprintln!("harness: {e}");

@@ -212,6 +212,9 @@ pub struct Slots {
     free: BTreeMap<usize, usize>,
     /// offset -> (allocated length, sequence) of each slot the receiver holds.
     lent: BTreeMap<usize, (usize, u64)>,
+    /// The largest free extent, kept up to date by every change: the sender
+    /// asks for it on every message, small ones included.
+    largest: Option<(usize, usize)>,
 }
 
 impl Slots {
@@ -221,18 +224,26 @@ impl Slots {
         if total > 0 {
             free.insert(0, total);
         }
-        Slots {
+        let mut s = Slots {
             free,
             lent: BTreeMap::new(),
-        }
+            largest: None,
+        };
+        s.update_largest();
+        s
     }
 
     /// The largest free extent, as (offset, length).
     pub fn largest(&self) -> Option<(usize, usize)> {
-        self.free
+        self.largest
+    }
+
+    fn update_largest(&mut self) {
+        self.largest = self
+            .free
             .iter()
             .max_by_key(|(o, l)| (**l, std::cmp::Reverse(**o)))
-            .map(|(o, l)| (*o, *l))
+            .map(|(o, l)| (*o, *l));
     }
 
     /// Whether nothing is lent: the whole arena is one free extent.
@@ -256,6 +267,7 @@ impl Slots {
             self.free.insert(offset + need, have - need);
         }
         self.lent.insert(offset, (need, seq));
+        self.update_largest();
         true
     }
 
@@ -281,6 +293,7 @@ impl Slots {
             len += pl;
         }
         self.free.insert(start, len);
+        self.update_largest();
         Ok(())
     }
 
@@ -435,6 +448,11 @@ impl SendArena {
     /// Takes every slot the receiver gave back since the last call.
     pub(crate) fn reclaim(&mut self) -> Result<()> {
         let head = self.arena.atomic(OFF_HEAD).load(Ordering::Acquire);
+        if head == self.tail {
+            // Nothing freed: the common case for a stream of small messages,
+            // which must not touch the shared tail's cache line.
+            return Ok(());
+        }
         let pending = head.wrapping_sub(self.tail);
         if pending > self.arena.cap as u64 {
             return Err(protocol("arena free ring overrun by the receiver"));
@@ -514,6 +532,7 @@ impl Slots {
             self.free.insert(offset + need, fo + fl - offset - need);
         }
         self.lent.insert(offset, (need, seq));
+        self.update_largest();
         true
     }
 }

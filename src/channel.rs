@@ -275,6 +275,8 @@ pub(crate) struct RecvHalf {
     pub(crate) arena: Option<Arc<RecvArena>>,
     /// Messages copied out of the arena (untrusted peer) land here.
     copy: AlignedVec<16>,
+    /// The last `recv` lent an arena slot (saves a lock per small message).
+    lent_current: bool,
 }
 
 /// A frame resolved to owned storage, for `recv_owned`.
@@ -299,6 +301,7 @@ impl RecvHalf {
             poisoned: false,
             arena: None,
             copy: AlignedVec::new(),
+            lent_current: false,
         }
     }
 
@@ -360,9 +363,12 @@ impl RecvHalf {
     /// Gives back the slot of the message the previous `recv` lent (its
     /// borrow of the receiver has ended, so the message is gone).
     fn release_current(&mut self) {
-        if let Some(a) = &self.arena {
+        if self.lent_current
+            && let Some(a) = &self.arena
+        {
             a.release_current();
         }
+        self.lent_current = false;
     }
 
     /// Checks a descriptor and records its slot as held.
@@ -389,6 +395,7 @@ impl RecvHalf {
         let (arena, held) = self.accept(r)?;
         if arena.in_place() {
             arena.set_current(held);
+            self.lent_current = true;
             let arena = self.arena.as_ref().expect("has an arena");
             // SAFETY: the slot stays held (as "current") until the next call
             // on this receiver, which the returned borrow of `self` outlives
