@@ -28,14 +28,24 @@ fn intact(seed: u64, got: &[u8]) -> bool {
 
 // ---- entry functions (run in children) ----
 
-/// Receives until Closed; returns how many arrived intact, in order.
+/// Receives until Closed; returns how many arrived intact, in order. The
+/// channel crossed a process boundary, so (trust model) every message must
+/// have been copied out of the arena before it was validated.
 async fn count_intact(mut rx: Receiver<(u64, Vec<u8>)>) -> u64 {
+    let span = rx
+        .arena_span()
+        .expect("the arena travels with the receiver");
     let mut n = 0;
     loop {
         match rx.recv().await {
             Ok(m) => {
                 assert_eq!(m.0.to_native(), n, "out of order");
                 assert!(intact(n, &m.1), "message {n} corrupted");
+                let p = m.bytes().as_ptr() as usize;
+                assert!(
+                    !span.contains(&p),
+                    "message {n} read in place across processes"
+                );
                 n += 1;
             }
             Err(e) if e.kind() == ErrorKind::Closed => return n,
