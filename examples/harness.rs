@@ -29,6 +29,8 @@
 //! `throughput` example. This file holds scenarios 3 and 4, the report, the
 //! targets and the plot.
 
+#[path = "common/arena_bench.rs"]
+mod arena_bench;
 #[path = "common/busy.rs"]
 mod busy;
 #[path = "common/fanout.rs"]
@@ -68,6 +70,12 @@ struct Args {
     /// A few seconds in all: shorter cells, one run each (noisier).
     #[arg(long)]
     quick: bool,
+    /// Only the arena table: one-way bandwidth with every byte read (checksum).
+    #[arg(long)]
+    arena: bool,
+    /// Turn ringipc's shared-memory arena off (every message over the pipe).
+    #[arg(long)]
+    no_arena: bool,
     /// Seconds of measurement per cell (one contender at one size) [default: 0.5, or 0.06 with --quick].
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -1793,6 +1801,18 @@ fn main() {
         return; // scenario 3's "exec self" child
     }
     let args = Args::parse();
+    if args.no_arena {
+        ringipc::ChannelConfig::new()
+            .arena(false)
+            .set_process_default();
+    }
+    if args.arena {
+        if let Err(e) = arena_bench::run(args.quick) {
+            eprintln!("harness: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = run(args) {
         eprintln!("harness: {e}");
         std::process::exit(1);

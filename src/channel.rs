@@ -6,23 +6,30 @@
 //! interleave frames on one handle: the compiler enforces what gipc checks at
 //! run time with `GIPCLocked`.
 
+use crate::arena::{self, ArenaConfig, Descriptor, Held, RecvArena, SendArena};
 use crate::backend::{Backend, Io};
 use crate::error::{Error, ErrorKind, Result};
-use crate::framing::{DEFAULT_MAX_FRAME, Decoder, Encoder, FrameError};
-use crate::message::{Decode, Encode, Message, encode_into};
+use crate::framing::{DEFAULT_MAX_FRAME, DESCRIPTOR_LEN, Decoder, Encoder, FrameError, FrameKind};
+use crate::message::{
+    Decode, Encode, Message, OwnedMessage, SlotGuard, SlotWriter, Spill, Storage, encode_into,
+};
 use crate::sys;
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
 use std::future::poll_fn;
 use std::io;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 /// `feed` flushes by itself once this many bytes are queued.
 const FEED_HIGH_WATER: usize = 256 * 1024;
 
-/// Options for new channels: backend and maximum frame size.
+/// Options for new channels: backend, maximum frame size and the shared
+/// arena that large messages travel through.
 ///
 /// ```
 /// use ringipc::{Backend, ChannelConfig};
@@ -42,6 +49,7 @@ pub struct ChannelConfig {
     backend: Backend,
     max_frame: usize,
     busy_poll: Option<Duration>,
+    arena: Option<ArenaConfig>,
 }
 
 impl Default for ChannelConfig {
@@ -50,14 +58,38 @@ impl Default for ChannelConfig {
     }
 }
 
+static PROCESS_DEFAULT: Mutex<Option<ChannelConfig>> = Mutex::new(None);
+
 impl ChannelConfig {
-    /// Process-default backend, 256 MiB maximum frame.
+    /// The process default (see [`ChannelConfig::set_process_default`]); out
+    /// of the box: process-default backend, 256 MiB maximum frame, and a
+    /// 16 MiB arena for typed messages of 32 KiB and more.
     pub fn new() -> ChannelConfig {
+        if let Some(cfg) = *PROCESS_DEFAULT.lock().unwrap_or_else(|p| p.into_inner()) {
+            return cfg;
+        }
+        ChannelConfig::builtin()
+    }
+
+    /// The built-in defaults, whatever the process default says.
+    pub fn builtin() -> ChannelConfig {
         ChannelConfig {
             backend: Backend::Auto,
             max_frame: DEFAULT_MAX_FRAME,
             busy_poll: None,
+            arena: Some(ArenaConfig {
+                size: arena::DEFAULT_ARENA,
+                threshold: arena::DEFAULT_THRESHOLD,
+                trusted: false,
+            }),
         }
+    }
+
+    /// Makes this config what [`ChannelConfig::new`] (and so [`pipe`],
+    /// [`duplex`], and the channels the process and pool layers create)
+    /// returns from now on, in this process.
+    pub fn set_process_default(self) {
+        *PROCESS_DEFAULT.lock().unwrap_or_else(|p| p.into_inner()) = Some(self);
     }
 
     /// The backend for channels made from this config.
@@ -68,6 +100,7 @@ impl ChannelConfig {
 
     /// Largest payload, in bytes, either end accepts. A receiver checks it
     /// before allocating; a sender refuses larger messages without writing.
+    /// Messages that travel through the arena are bounded by its size instead.
     pub fn max_frame_size(mut self, bytes: usize) -> ChannelConfig {
         self.max_frame = bytes;
         self
@@ -96,7 +129,79 @@ impl ChannelConfig {
         Ok(half)
     }
 
+    /// Turns the shared-memory arena of typed channels on or off (on by
+    /// default). With it, a message whose archive reaches the threshold is
+    /// serialized once into shared memory and the pipe carries a 32-byte
+    /// descriptor; see docs/architecture.md ("Arena").
+    pub fn arena(mut self, on: bool) -> ChannelConfig {
+        self.arena = match (on, self.arena) {
+            (false, _) => None,
+            (true, Some(a)) => Some(a),
+            (true, None) => ChannelConfig::builtin().arena,
+        };
+        self
+    }
+
+    /// Size of the arena in bytes (rounded up to 4 KiB; default 16 MiB).
+    /// Memory is touched only as slots are used. A message larger than the
+    /// arena travels inline over the pipe.
+    pub fn arena_size(mut self, bytes: usize) -> ChannelConfig {
+        let mut a = self
+            .arena
+            .or(ChannelConfig::builtin().arena)
+            .expect("builtin arena");
+        a.size = bytes.max(4096);
+        self.arena = Some(a);
+        self
+    }
+
+    /// Archives of at least this many bytes go through the arena (default
+    /// 32 KiB); smaller ones stay inline.
+    pub fn arena_threshold(mut self, bytes: usize) -> ChannelConfig {
+        let mut a = self
+            .arena
+            .or(ChannelConfig::builtin().arena)
+            .expect("builtin arena");
+        a.threshold = bytes.max(1);
+        self.arena = Some(a);
+        self
+    }
+
+    /// Reads arena messages in place even after an end was handed to another
+    /// process. By default a receiver whose channel crossed a process boundary
+    /// copies each message out of the arena before validating it, because
+    /// the peer could rewrite the bytes after validation.
+    ///
+    /// # Safety
+    /// Every process that holds the other end (and every process it hands
+    /// the end to) must be trusted not to write a slot after sending it:
+    /// bytes that change after validation are undefined behaviour when read.
+    pub unsafe fn arena_in_place_across_processes(mut self) -> ChannelConfig {
+        let mut a = self
+            .arena
+            .or(ChannelConfig::builtin().arena)
+            .expect("builtin arena");
+        a.trusted = true;
+        self.arena = Some(a);
+        self
+    }
+
     fn ends(&self) -> Result<(RecvHalf, SendHalf)> {
+        let backend = self.backend.resolve()?;
+        let (r, w) = sys::pipe().map_err(|e| Error::io("pipe2", e))?;
+        let mut rh = self.recv_half(r, backend)?;
+        let mut sh = SendHalf::new(w, backend, self.max_frame)?;
+        if let Some(a) = &self.arena
+            && self.max_frame >= DESCRIPTOR_LEN
+        {
+            let (s, r) = arena::pair(a)?;
+            sh.arena = Some(s);
+            rh.arena = Some(r);
+        }
+        Ok((rh, sh))
+    }
+
+    fn ends_inline(&self) -> Result<(RecvHalf, SendHalf)> {
         let backend = self.backend.resolve()?;
         let (r, w) = sys::pipe().map_err(|e| Error::io("pipe2", e))?;
         Ok((
@@ -121,7 +226,7 @@ impl ChannelConfig {
 
     /// A raw-bytes one-way channel: frames carry `&[u8]`, no rkyv.
     pub fn bytes_pipe(&self) -> Result<(BytesSender, BytesReceiver)> {
-        let (r, w) = self.ends()?;
+        let (r, w) = self.ends_inline()?;
         Ok((BytesSender { half: w }, BytesReceiver { half: r }))
     }
 
@@ -192,16 +297,28 @@ pub(crate) struct RecvHalf {
     /// Spin budget before parking; `None` falls back to the thread's (an
     /// engine core's) default.
     pub(crate) busy_poll: Option<Duration>,
+    /// Set after a bad arena descriptor: the stream cannot be trusted.
+    poisoned: bool,
+    /// The channel's arena, if it has one.
+    pub(crate) arena: Option<Arc<RecvArena>>,
+    /// Messages copied out of the arena (untrusted peer) land here.
+    copy: AlignedVec<16>,
+    /// The last `recv` lent an arena slot (saves a lock per small message).
+    lent_current: bool,
+}
+
+/// A frame resolved to owned storage, for `recv_owned`.
+enum OwnedFrame {
+    Heap(AlignedVec<16>),
+    Slot(SlotGuard),
 }
 
 impl RecvHalf {
     pub(crate) fn new(fd: OwnedFd, backend: Backend, max_frame: usize) -> Result<RecvHalf> {
-        Ok(RecvHalf {
-            io: Io::new(fd, backend)?,
-            dec: Decoder::new(max_frame),
-            broken: false,
-            busy_poll: None,
-        })
+        Ok(RecvHalf::resumed(
+            Io::new(fd, backend)?,
+            Decoder::new(max_frame),
+        ))
     }
 
     pub(crate) fn resumed(io: Io, dec: Decoder) -> RecvHalf {
@@ -210,17 +327,38 @@ impl RecvHalf {
             dec,
             broken: false,
             busy_poll: None,
+            poisoned: false,
+            arena: None,
+            copy: AlignedVec::new(),
+            lent_current: false,
         }
     }
 
-    /// Polls for the next whole frame; returns its payload range. Only a
-    /// decoded frame leaves this function, so dropping the future between
-    /// polls loses nothing: bytes read so far stay in the decoder, and a read
-    /// in flight stays with the handle.
-    fn poll_frame(&mut self, cx: &mut Context<'_>, spin: bool) -> Poll<Result<Range<usize>>> {
+    /// Polls for the next whole frame; returns its kind and payload range.
+    /// Only a decoded frame leaves this function, so dropping the future
+    /// between polls loses nothing: bytes read so far stay in the decoder,
+    /// and a read in flight stays with the handle.
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        spin: bool,
+    ) -> Poll<Result<(FrameKind, Range<usize>)>> {
         loop {
-            match self.dec.next_frame() {
-                Ok(Some(r)) => return Poll::Ready(Ok(r)),
+            if self.poisoned {
+                return Poll::Ready(Err(Error::new(
+                    ErrorKind::Protocol,
+                    "recv after a bad arena descriptor",
+                )));
+            }
+            match self.dec.next_any() {
+                Ok(Some((FrameKind::Arena, _))) if self.arena.is_none() => {
+                    self.poison();
+                    return Poll::Ready(Err(Error::new(
+                        ErrorKind::Protocol,
+                        "recv: arena descriptor on a channel without an arena",
+                    )));
+                }
+                Ok(Some(f)) => return Poll::Ready(Ok(f)),
                 Ok(None) => {}
                 Err(e) => {
                     // A broken stream cannot be resynchronised: close our end
@@ -262,30 +400,120 @@ impl RecvHalf {
         }
     }
 
+    fn poison(&mut self) {
+        self.poisoned = true;
+        self.io.close();
+    }
+
+    /// Gives back the slot of the message the previous `recv` lent (its
+    /// borrow of the receiver has ended, so the message is gone).
+    fn release_current(&mut self) {
+        if self.lent_current
+            && let Some(a) = &self.arena
+        {
+            a.release_current();
+        }
+        self.lent_current = false;
+    }
+
+    /// Checks a descriptor and records its slot as held.
+    fn accept(&mut self, r: Range<usize>) -> Result<(Arc<RecvArena>, Held)> {
+        let arena = self.arena.clone().expect("checked in poll_frame");
+        let held = Descriptor::decode(&self.dec.buffer()[r])
+            .map_err(|e| frame_error("recv", e))
+            .and_then(|d| arena.accept(&d));
+        match held {
+            Ok(h) => Ok((arena, h)),
+            Err(e) => {
+                self.poison();
+                Err(e)
+            }
+        }
+    }
+
+    /// The payload of a frame: in the receive buffer, in the arena (read in
+    /// place), or copied out of the arena (untrusted peer).
+    fn resolve(&mut self, kind: FrameKind, r: Range<usize>) -> Result<&[u8]> {
+        if kind != FrameKind::Arena {
+            return Ok(&self.dec.buffer()[r]);
+        }
+        let (arena, held) = self.accept(r)?;
+        if arena.in_place() {
+            arena.set_current(held);
+            self.lent_current = true;
+            let arena = self.arena.as_ref().expect("has an arena");
+            // SAFETY: the slot stays held (as "current") until the next call
+            // on this receiver, which the returned borrow of `self` outlives
+            // not; in-place mode means no other process can write it.
+            Ok(unsafe { arena.bytes(&held) })
+        } else {
+            arena.copy_out(&held, &mut self.copy);
+            arena.release(&held);
+            Ok(&self.copy)
+        }
+    }
+
     async fn frame(&mut self) -> Result<&[u8]> {
-        let r = poll_fn(|cx| self.poll_frame(cx, true)).await?;
-        Ok(&self.dec.buffer()[r])
+        self.release_current();
+        let (k, r) = poll_fn(|cx| self.poll_frame(cx, true)).await?;
+        self.resolve(k, r)
     }
 
     async fn frame_timeout(&mut self, timeout: Duration) -> Result<&[u8]> {
-        let r = match tokio::time::timeout(timeout, poll_fn(|cx| self.poll_frame(cx, true))).await {
-            Ok(r) => r?,
-            Err(_) => return Err(Error::new(ErrorKind::TimedOut, "recv_timeout")),
-        };
-        Ok(&self.dec.buffer()[r])
+        self.release_current();
+        let (k, r) =
+            match tokio::time::timeout(timeout, poll_fn(|cx| self.poll_frame(cx, true))).await {
+                Ok(r) => r?,
+                Err(_) => return Err(Error::new(ErrorKind::TimedOut, "recv_timeout")),
+            };
+        self.resolve(k, r)
     }
 
     fn try_frame(&mut self) -> Result<Option<&[u8]>> {
+        self.release_current();
         let mut cx = Context::from_waker(Waker::noop());
         match self.poll_frame(&mut cx, false) {
-            Poll::Ready(Ok(r)) => Ok(Some(&self.dec.buffer()[r])),
+            Poll::Ready(Ok((k, r))) => self.resolve(k, r).map(Some),
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Ok(None),
         }
     }
 
+    async fn owned_frame(&mut self) -> Result<OwnedFrame> {
+        self.release_current();
+        let (k, r) = poll_fn(|cx| self.poll_frame(cx, true)).await?;
+        if k != FrameKind::Arena {
+            let mut v = AlignedVec::with_capacity(r.len());
+            v.extend_from_slice(&self.dec.buffer()[r]);
+            return Ok(OwnedFrame::Heap(v));
+        }
+        let (arena, held) = self.accept(r)?;
+        if arena.in_place() {
+            Ok(OwnedFrame::Slot(SlotGuard { arena, held }))
+        } else {
+            let mut v = AlignedVec::new();
+            arena.copy_out(&held, &mut v);
+            arena.release(&held);
+            Ok(OwnedFrame::Heap(v))
+        }
+    }
+
+    /// Address range of the arena mapping, if this channel has one.
+    fn arena_span(&self) -> Option<Range<usize>> {
+        self.arena.as_ref().map(|a| a.arena.range())
+    }
+
     pub(crate) fn backend(&self) -> Backend {
         self.io.backend()
+    }
+}
+
+impl Drop for RecvHalf {
+    fn drop(&mut self) {
+        if let Some(a) = &self.arena {
+            a.release_current();
+            a.close_notify();
+        }
     }
 }
 
@@ -294,6 +522,8 @@ pub(crate) struct SendHalf {
     pub(crate) io: Io,
     pub(crate) enc: Encoder,
     closed: bool,
+    /// The channel's arena, if it has one.
+    pub(crate) arena: Option<SendArena>,
     /// Handed to a child: this copy must not write on drop.
     pub(crate) moved: std::sync::atomic::AtomicBool,
 }
@@ -305,6 +535,7 @@ impl SendHalf {
             io: Io::new(fd, backend)?,
             enc: Encoder::new(max_frame),
             closed: false,
+            arena: None,
             moved: Default::default(),
         })
     }
@@ -315,6 +546,7 @@ impl SendHalf {
             io,
             enc,
             closed: false,
+            arena: None,
             moved: Default::default(),
         }
     }
@@ -329,6 +561,105 @@ impl SendHalf {
                 format!("send: message of {len} bytes exceeds the limit of {max} bytes"),
             )
         })
+    }
+
+    /// Queues one typed message: through the arena when it has one and the
+    /// archive reaches the threshold, else inline. Waits (before queueing
+    /// anything, so a dropped future queues nothing) while the arena is too
+    /// full.
+    /// Returns whether the message went through the arena.
+    async fn push_message<T: Encode>(&mut self, value: &T) -> Result<bool> {
+        if self.arena.is_none() {
+            return self.push(|buf| encode_into(value, buf)).map(|()| false);
+        }
+        loop {
+            let seq = self.arena.as_ref().map_or(0, |a| a.next_seq);
+            match self.try_push_arena(value)? {
+                None => return Ok(self.arena.as_ref().is_some_and(|a| a.next_seq != seq)),
+                Some(tried) => {
+                    // The receiver can only free slots whose descriptors it
+                    // has read: write what is queued, then wait.
+                    self.flush().await?;
+                    let arena = self.arena.as_mut().expect("has an arena");
+                    if let Err(e) = poll_fn(|cx| arena.poll_space(cx, tried)).await {
+                        if e.kind() == ErrorKind::Protocol {
+                            self.closed = true;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt: `Ok(None)` when queued, `Ok(Some(n))` when the arena's
+    /// largest free extent (n bytes) was too small.
+    fn try_push_arena<T: Encode>(&mut self, value: &T) -> Result<Option<usize>> {
+        if self.closed {
+            return Err(Error::new(ErrorKind::Closed, "send"));
+        }
+        let arena = self.arena.as_mut().expect("has an arena");
+        if let Err(e) = arena.reclaim() {
+            self.closed = true;
+            return Err(e);
+        }
+        let extent = arena.slots.largest();
+        let mut spill = Spill {
+            data: arena.arena.data_ptr(0),
+            extent,
+            threshold: arena.threshold,
+            written: 0,
+            spilled: false,
+            overflow: None,
+        };
+        let seq = arena.next_seq;
+        let pushed = self.enc.push_kind_with(
+            |buf| {
+                let w = SlotWriter::new(&mut *buf, Some(&mut spill));
+                rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, w)
+                    .map(drop)
+                    .map_err(|e| Error::new(ErrorKind::Serialize, "send").with_source(e))?;
+                if !spill.spilled {
+                    return Ok(FrameKind::Data);
+                }
+                let (offset, _) = spill.extent.expect("spilled into an extent");
+                let d = Descriptor {
+                    offset: offset as u64,
+                    len: spill.written as u64,
+                    seq,
+                };
+                buf.extend_from_slice(&d.encode());
+                Ok(FrameKind::Arena)
+            },
+            |len, max| {
+                Error::new(
+                    ErrorKind::FrameTooLarge,
+                    format!("send: message of {len} bytes exceeds the limit of {max} bytes"),
+                )
+            },
+        );
+        let arena = self.arena.as_mut().expect("has an arena");
+        match pushed {
+            Ok(()) => {
+                if spill.spilled {
+                    let (offset, _) = spill.extent.expect("spilled into an extent");
+                    let taken = arena.slots.take(offset, spill.written, seq);
+                    debug_assert!(taken);
+                    arena.next_seq += 1;
+                }
+                Ok(None)
+            }
+            Err(_) if spill.overflow.is_some() => {
+                let need = spill.overflow.unwrap_or(0);
+                if arena.slots.all_free() || need > arena.arena.data_len() {
+                    // Larger than the whole arena: inline over the pipe.
+                    self.push(|buf| encode_into(value, buf))?;
+                    return Ok(None);
+                }
+                Ok(Some(extent.map_or(0, |(_, l)| l)))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
@@ -431,15 +762,22 @@ impl<T: Encode> Sender<T> {
     /// Cancellation-safe: the frame is queued whole at the first poll, and
     /// dropping the future leaves it queued for the next `send`/`flush`.
     pub async fn send(&mut self, value: &T) -> Result<()> {
-        self.half.push(|buf| encode_into(value, buf))?;
+        self.half.push_message(value).await?;
         self.half.flush().await
     }
 
     /// Queues one message without waiting for it to be written (it is
     /// written when 256 KiB are queued, or on `flush`/`send`). Frames queued
     /// together go out in one write: use it for bursts of small messages.
+    /// A message that goes through the arena is flushed at once (with what
+    /// was queued before it): its descriptor is all that is left to write.
     pub async fn feed(&mut self, value: &T) -> Result<()> {
-        self.half.push(|buf| encode_into(value, buf))?;
+        if self.half.push_message(value).await? {
+            // The message is already in shared memory: its descriptor goes
+            // out now, so the receiver works while the sender serializes the
+            // next one (holding descriptors back would serialize the two).
+            return self.half.flush().await;
+        }
         self.half.feed_flush().await
     }
 }
@@ -466,6 +804,13 @@ impl<T> Receiver<T> {
     /// handle: a child sets its own.
     pub fn set_busy_poll(&mut self, budget: Option<Duration>) {
         self.half.busy_poll = budget.filter(|b| !b.is_zero());
+    }
+
+    /// The address range of this channel's arena mapping in this process,
+    /// if the channel has an arena (diagnostics: a message whose
+    /// [`Message::bytes`] lie inside it was read in place).
+    pub fn arena_span(&self) -> Option<Range<usize>> {
+        self.half.arena_span()
     }
 
     /// The same stream, seen as raw frames.
@@ -501,6 +846,21 @@ impl<T: Decode> Receiver<T> {
             Some(bytes) => Message::validate(bytes).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Receives the next message as an [`OwnedMessage`], which can be kept
+    /// while later messages are received (and sent to other tasks). A
+    /// message that arrived through the arena keeps its slot until the
+    /// `OwnedMessage` is dropped, when the slot goes back to the sender (so
+    /// holding many large messages makes the sender wait for space); across
+    /// processes it is copied out first (see [`ChannelConfig::arena`]).
+    /// Errors and cancellation as for [`Receiver::recv`].
+    pub async fn recv_owned(&mut self) -> Result<OwnedMessage<T>> {
+        let storage = match self.half.owned_frame().await? {
+            OwnedFrame::Heap(v) => Storage::Heap(v),
+            OwnedFrame::Slot(g) => Storage::Slot(g),
+        };
+        OwnedMessage::from_storage(storage)
     }
 
     /// Receives without validating the archive.
@@ -582,6 +942,23 @@ impl BytesSender {
             buf.extend_from_slice(bytes);
             Ok(())
         })?;
+        self.half.flush().await
+    }
+
+    /// Sends one frame of any kind with `payload` as it is, unchecked: lets
+    /// tests play a buggy or hostile peer of the arena protocol.
+    #[doc(hidden)]
+    pub async fn send_raw_frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
+        if self.half.closed {
+            return Err(Error::new(ErrorKind::Closed, "send"));
+        }
+        self.half.enc.push_kind_with(
+            |buf| {
+                buf.extend_from_slice(payload);
+                Ok(kind)
+            },
+            |len, max| Error::new(ErrorKind::FrameTooLarge, format!("{len} > {max}")),
+        )?;
         self.half.flush().await
     }
 

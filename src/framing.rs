@@ -35,7 +35,13 @@ pub enum FrameKind {
     Hello = 1,
     /// A message payload.
     Data = 2,
+    /// A descriptor of a message that lives in the channel's shared arena
+    /// (payload: [`DESCRIPTOR_LEN`] bytes, see docs/wire-format.md).
+    Arena = 3,
 }
+
+/// Payload length of an [`FrameKind::Arena`] descriptor frame.
+pub const DESCRIPTOR_LEN: usize = 32;
 
 /// Why a stream could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +89,122 @@ impl std::fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
+/// The payload of an [`FrameKind::Arena`] frame: where a message lies in
+/// the channel's shared arena (see docs/wire-format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Offset of the slot from the start of the arena's data area.
+    pub offset: u64,
+    /// Length of the archive in the slot.
+    pub len: u64,
+    /// Sequence number: 0 for the first descriptor of a stream, then +1.
+    pub seq: u64,
+}
+
+impl Descriptor {
+    /// The [`DESCRIPTOR_LEN`]-byte wire form.
+    pub fn encode(&self) -> [u8; DESCRIPTOR_LEN] {
+        let mut b = [0u8; DESCRIPTOR_LEN];
+        b[0..8].copy_from_slice(&self.offset.to_le_bytes());
+        b[8..16].copy_from_slice(&self.len.to_le_bytes());
+        b[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    /// Parses the wire form. Only the layout is checked here; whether the
+    /// slot is inside the arena, in sequence and not overlapping a held one
+    /// is the receiver's check.
+    pub fn decode(b: &[u8]) -> Result<Descriptor, FrameError> {
+        if b.len() != DESCRIPTOR_LEN {
+            return Err(FrameError::Protocol("arena descriptor of the wrong length"));
+        }
+        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if u(24) != 0 {
+            return Err(FrameError::Protocol(
+                "arena descriptor: reserved bytes are not zero",
+            ));
+        }
+        Ok(Descriptor {
+            offset: u(0),
+            len: u(8),
+            seq: u(16),
+        })
+    }
+}
+
+/// Slots of an arena start at multiples of this many bytes.
+pub const SLOT_ALIGN: usize = 4096;
+
+/// The receiver's check of untrusted descriptors (sans-I/O): which slots
+/// messages still hold, and which sequence number is due.
+#[derive(Debug, Clone, Default)]
+pub struct HeldSlots {
+    /// offset -> end of each held slot.
+    held: std::collections::BTreeMap<u64, u64>,
+    next_seq: u64,
+}
+
+impl HeldSlots {
+    /// A table for an arena whose data area holds nothing yet, expecting
+    /// sequence `next_seq` first.
+    pub fn new(next_seq: u64) -> HeldSlots {
+        HeldSlots {
+            held: Default::default(),
+            next_seq,
+        }
+    }
+
+    /// The sequence number the next descriptor must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Whether no slot is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Checks a descriptor against an arena of `data_len` bytes and records
+    /// its slot as held: it must carry the due sequence number, lie inside
+    /// the arena, start on a slot boundary, be non-empty, and not overlap a
+    /// held slot. On error nothing changes.
+    pub fn accept(&mut self, d: &Descriptor, data_len: u64) -> Result<(), String> {
+        if d.seq != self.next_seq {
+            return Err(format!(
+                "arena descriptor out of order or stale: sequence {} where {} was due",
+                d.seq, self.next_seq
+            ));
+        }
+        let end = d.offset.checked_add(d.len);
+        if d.len == 0
+            || !d.offset.is_multiple_of(SLOT_ALIGN as u64)
+            || end.is_none_or(|e| e > data_len)
+        {
+            return Err(format!(
+                "arena descriptor out of bounds: offset {} length {} in an arena of {data_len}",
+                d.offset, d.len
+            ));
+        }
+        let end = end.expect("checked above");
+        let overlaps = self
+            .held
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > d.offset);
+        if overlaps {
+            return Err("arena descriptor overlaps a slot a message still holds".into());
+        }
+        self.held.insert(d.offset, end);
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Forgets the slot at `offset`; false if it was not held.
+    pub fn release(&mut self, offset: u64) -> bool {
+        self.held.remove(&offset).is_some()
+    }
+}
+
 /// Rounds `n` up to a multiple of [`FRAME_ALIGN`].
 pub const fn padded(n: usize) -> usize {
     (n + FRAME_ALIGN - 1) & !(FRAME_ALIGN - 1)
@@ -105,6 +227,7 @@ fn parse_header(h: &[u8], max: usize) -> Result<(FrameKind, usize), FrameError> 
     let kind = match h[4] {
         1 => FrameKind::Hello,
         2 => FrameKind::Data,
+        3 => FrameKind::Arena,
         _ => return Err(FrameError::Protocol("unknown frame kind")),
     };
     if h[5] != 0 || h[6] != 0 || h[7] != 0 || h[12..16] != [0; 4] {
@@ -170,6 +293,17 @@ impl Encoder {
         fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
         too_large: impl FnOnce(usize, usize) -> E,
     ) -> Result<(), E> {
+        self.push_kind_with(|b| fill(b).map(|()| FrameKind::Data), too_large)
+    }
+
+    /// Like [`Encoder::push_with`], but `fill` decides the frame's kind: it
+    /// returns [`FrameKind::Data`] for a payload, or [`FrameKind::Arena`]
+    /// after appending exactly [`DESCRIPTOR_LEN`] descriptor bytes.
+    pub fn push_kind_with<E>(
+        &mut self,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<FrameKind, E>,
+        too_large: impl FnOnce(usize, usize) -> E,
+    ) -> Result<(), E> {
         if !self.lent {
             self.compact();
         }
@@ -186,16 +320,19 @@ impl Encoder {
         }
         let start = out.len();
         out.extend_from_slice(&[0u8; HEADER_LEN]);
-        if let Err(e) = fill(out) {
-            out.truncate(restore);
-            return Err(e);
-        }
+        let kind = match fill(out) {
+            Ok(kind) => kind,
+            Err(e) => {
+                out.truncate(restore);
+                return Err(e);
+            }
+        };
         let len = out.len() - start - HEADER_LEN;
-        if len > max {
+        if len > max && kind != FrameKind::Arena {
             out.truncate(restore);
             return Err(too_large(len, max));
         }
-        out[start..start + HEADER_LEN].copy_from_slice(&header(FrameKind::Data, len as u32));
+        out[start..start + HEADER_LEN].copy_from_slice(&header(kind, len as u32));
         out.resize(padded(out.len()), 0);
         self.hello_sent = true;
         Ok(())
@@ -373,6 +510,19 @@ impl Decoder {
     /// Decodes the next data frame, returning the range of its payload in
     /// [`Decoder::buffer`]. `Ok(None)` means more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Range<usize>>, FrameError> {
+        match self.next_any()? {
+            None => Ok(None),
+            Some((FrameKind::Data, r)) => Ok(Some(r)),
+            Some(_) => Err(self.fail(FrameError::Protocol(
+                "arena descriptor on a stream without an arena",
+            ))),
+        }
+    }
+
+    /// Decodes the next data or arena-descriptor frame: its kind and the
+    /// range of its payload in [`Decoder::buffer`]. A descriptor frame's
+    /// payload is exactly [`DESCRIPTOR_LEN`] bytes (else a protocol error).
+    pub fn next_any(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, FrameError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -410,8 +560,16 @@ impl Decoder {
                 (FrameKind::Hello, true) => {
                     return Err(self.fail(FrameError::Protocol("second hello frame")));
                 }
-                (FrameKind::Data, false) => {
+                (FrameKind::Data | FrameKind::Arena, false) => {
                     return Err(self.fail(FrameError::Protocol("stream does not start with hello")));
+                }
+                (FrameKind::Arena, true) => {
+                    if len != DESCRIPTOR_LEN {
+                        return Err(
+                            self.fail(FrameError::Protocol("arena descriptor of the wrong length"))
+                        );
+                    }
+                    return Ok(Some((FrameKind::Arena, payload)));
                 }
                 (FrameKind::Data, true) => {
                     if len > self.max_frame {
@@ -420,7 +578,7 @@ impl Decoder {
                             max: self.max_frame,
                         }));
                     }
-                    return Ok(Some(payload));
+                    return Ok(Some((FrameKind::Data, payload)));
                 }
             }
         }

@@ -64,6 +64,7 @@
 //! otherwise; `RINGIPC_BACKEND=uring|epoll|auto` overrides it. See
 //! `README.md` and `docs/` for the architecture, the wire format and tuning.
 
+mod arena;
 mod backend;
 mod channel;
 mod engine;

@@ -1,6 +1,7 @@
 //! rkyv messages: serialization into the frame buffer and validated,
 //! zero-copy access on receive.
 
+use crate::arena::{Held, RecvArena};
 use crate::error::{Error, ErrorKind, Result};
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
@@ -11,19 +12,132 @@ use rkyv::{Archive, Deserialize, Portable, Serialize};
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
+use std::sync::Arc;
 
 /// Types that can be sent: anything `#[derive(rkyv::Archive, rkyv::Serialize)]`.
 ///
 /// Implemented automatically; you never implement it by hand.
 pub trait Encode:
     for<'a, 'b> Serialize<HighSerializer<&'b mut Vec<u8>, ArenaHandle<'a>, rancor::Error>>
+    + for<'a, 'b> Serialize<HighSerializer<SlotWriter<'b>, ArenaHandle<'a>, rancor::Error>>
 {
 }
 
 impl<T> Encode for T where
     T: ?Sized
         + for<'a, 'b> Serialize<HighSerializer<&'b mut Vec<u8>, ArenaHandle<'a>, rancor::Error>>
+        + for<'a, 'b> Serialize<HighSerializer<SlotWriter<'b>, ArenaHandle<'a>, rancor::Error>>
 {
+}
+
+/// Where a large message spills: the data area of the sender's arena and
+/// the free extent it may use.
+pub(crate) struct Spill {
+    /// Start of the arena's data area in this process.
+    pub(crate) data: *mut u8,
+    /// The extent to use once the archive reaches `threshold`: (offset, length).
+    pub(crate) extent: Option<(usize, usize)>,
+    pub(crate) threshold: usize,
+    /// Bytes written so far in the arena.
+    pub(crate) written: usize,
+    /// Set once the archive moved to the arena.
+    pub(crate) spilled: bool,
+    /// Set when the archive outgrew the extent: at least this many bytes
+    /// were needed.
+    pub(crate) overflow: Option<usize>,
+}
+
+#[derive(Debug)]
+struct SlotFull;
+
+impl fmt::Display for SlotFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("message does not fit in the free arena space")
+    }
+}
+
+impl std::error::Error for SlotFull {}
+
+/// The rkyv writer a [`Sender`](crate::Sender) serializes with: it writes
+/// into the frame buffer and, once an archive reaches the channel's arena
+/// threshold, moves what it wrote into a slot of the shared arena and
+/// continues there, so a large message is written exactly once, in place.
+///
+/// It only appears in the bound of [`Encode`]; rkyv's derives implement
+/// `Serialize` for it (and every other writer) automatically.
+pub struct SlotWriter<'b> {
+    vec: &'b mut Vec<u8>,
+    base: usize,
+    spill: Option<&'b mut Spill>,
+}
+
+impl<'b> SlotWriter<'b> {
+    pub(crate) fn new(vec: &'b mut Vec<u8>, spill: Option<&'b mut Spill>) -> SlotWriter<'b> {
+        let base = vec.len();
+        SlotWriter { vec, base, spill }
+    }
+}
+
+impl rkyv::ser::Positional for SlotWriter<'_> {
+    #[inline]
+    fn pos(&self) -> usize {
+        match &self.spill {
+            Some(s) if s.spilled => s.written,
+            _ => self.vec.len() - self.base,
+        }
+    }
+}
+
+impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), E> {
+        let Some(s) = self.spill.as_deref_mut() else {
+            self.vec.extend_from_slice(bytes);
+            return Ok(());
+        };
+        if !s.spilled {
+            let have = self.vec.len() - self.base;
+            let need = have + bytes.len();
+            if need < s.threshold || s.overflow.is_some() {
+                self.vec.extend_from_slice(bytes);
+                return Ok(());
+            }
+            match s.extent {
+                Some((off, len)) if len >= need => {
+                    // SAFETY: the extent lies inside the data area and is
+                    // free (the sender alone allocates, and nobody else holds
+                    // it), `have <= len`, and the frame buffer does not
+                    // overlap shared memory.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.vec.as_ptr().add(self.base),
+                            s.data.add(off),
+                            have,
+                        );
+                    }
+                    self.vec.truncate(self.base);
+                    s.written = have;
+                    s.spilled = true;
+                }
+                _ => {
+                    s.overflow = Some(need);
+                    return Err(E::new(SlotFull));
+                }
+            }
+        }
+        let (off, len) = s.extent.expect("spilled into an extent");
+        if s.written + bytes.len() > len {
+            s.overflow = Some(s.written + bytes.len());
+            return Err(E::new(SlotFull));
+        }
+        // SAFETY: `written + bytes.len() <= len`, so the copy stays inside the
+        // free extent, which only this writer uses until it is sent.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), s.data.add(off + s.written), bytes.len());
+        }
+        s.written += bytes.len();
+        Ok(())
+    }
 }
 
 /// Types that can be received: their archived form can be validated.
@@ -122,7 +236,7 @@ impl<T: Archive> fmt::Debug for Message<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
             .field("type", &std::any::type_name::<T>())
-            .field("len", &self.bytes.len())
+            .field("len", &self.bytes().len())
             .finish()
     }
 }
@@ -138,14 +252,54 @@ impl<T: Archive> fmt::Debug for Message<'_, T> {
 /// # Ok::<(), ringipc::Error>(())
 /// ```
 pub struct OwnedMessage<T: Archive> {
-    bytes: AlignedVec<16>,
+    bytes: Storage,
     _t: PhantomData<fn() -> T>,
+}
+
+/// Where an owned message's bytes live.
+pub(crate) enum Storage {
+    Heap(AlignedVec<16>),
+    /// A slot of a channel's arena, given back to the sender on drop.
+    Slot(SlotGuard),
+}
+
+/// Holds an arena slot; gives it back when dropped.
+pub(crate) struct SlotGuard {
+    pub(crate) arena: Arc<RecvArena>,
+    pub(crate) held: Held,
+}
+
+impl SlotGuard {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the slot is held until this guard drops, and guards are
+        // only made for arenas read in place (`RecvArena::in_place`).
+        unsafe { self.arena.bytes(&self.held) }
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.arena.release(&self.held);
+    }
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Heap(v) => v,
+            Storage::Slot(g) => g.bytes(),
+        }
+    }
 }
 
 impl<T: Decode> OwnedMessage<T> {
     /// Validates `bytes` as an archived `T`.
     pub fn new(bytes: AlignedVec<16>) -> Result<OwnedMessage<T>> {
-        Message::<T>::validate(&bytes)?;
+        OwnedMessage::from_storage(Storage::Heap(bytes))
+    }
+
+    pub(crate) fn from_storage(bytes: Storage) -> Result<OwnedMessage<T>> {
+        Message::<T>::validate(bytes.bytes())?;
         Ok(OwnedMessage {
             bytes,
             _t: PhantomData,
@@ -157,13 +311,15 @@ impl<T: Archive> OwnedMessage<T> {
     /// The archived value, in place.
     pub fn archived(&self) -> &T::Archived {
         // SAFETY: `bytes` was validated as an archived `T` in `new` and is
-        // never mutated afterwards; AlignedVec keeps it 16-byte aligned.
-        unsafe { rkyv::access_unchecked::<T::Archived>(&self.bytes) }
+        // never mutated afterwards (an arena slot is held until drop and only
+        // read in place when no other process can write it); both storages
+        // are 16-byte aligned.
+        unsafe { rkyv::access_unchecked::<T::Archived>(self.bytes.bytes()) }
     }
 
     /// The raw archive bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.bytes()
     }
 
     /// Deserializes into an owned `T`.
@@ -188,7 +344,7 @@ impl<T: Archive> fmt::Debug for OwnedMessage<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OwnedMessage")
             .field("type", &std::any::type_name::<T>())
-            .field("len", &self.bytes.len())
+            .field("len", &self.bytes().len())
             .finish()
     }
 }

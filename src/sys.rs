@@ -395,3 +395,64 @@ pub fn is_inheritable(fd: RawFd) -> bool {
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     flags >= 0 && flags & libc::FD_CLOEXEC == 0
 }
+
+/// A sealed, close-on-exec memfd of `len` bytes for a channel's arena: its
+/// size cannot change afterwards (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`),
+/// so a peer cannot truncate it under our mapping and make reads fault.
+pub fn memfd_sealed(name: &std::ffi::CStr, len: usize) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid C string; the flags are valid.
+    let fd = cvt(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    // SAFETY: memfd_create returned a new fd that nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on an fd we own, with a non-negative length.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS takes an int seal mask.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(fd)
+}
+
+/// The size of a file and whether it is sealed against shrinking.
+pub fn sealed_size(fd: RawFd) -> io::Result<(usize, bool)> {
+    // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer.
+    cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    // SAFETY: F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    let shrink = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
+    Ok((st.st_size as usize, shrink))
+}
+
+/// Maps `len` bytes of `fd` shared, readable and writable.
+pub fn mmap_shared(fd: RawFd, len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh mapping chosen by the kernel (addr null) overlaps
+    // nothing of ours; the fd and length are checked by the kernel.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+/// Unmaps a mapping made by [`mmap_shared`].
+///
+/// # Safety
+/// `ptr`/`len` must be exactly one mapping from `mmap_shared` that nothing
+/// references any more.
+pub unsafe fn munmap(ptr: *mut u8, len: usize) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { libc::munmap(ptr.cast(), len) };
+}

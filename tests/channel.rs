@@ -211,7 +211,7 @@ async fn try_recv_empty_then_some(cfg: ChannelConfig) {
 /// timeout abandons a recv mid-frame, and still nothing is lost or reordered.
 async fn abandoned_recv_loses_nothing(cfg: ChannelConfig) {
     const N: usize = 20;
-    let (mut tx, mut rx) = cfg.pipe::<Vec<u8>>().unwrap();
+    let (mut tx, mut rx) = cfg.arena(false).pipe::<Vec<u8>>().unwrap();
     let send = async move {
         for i in 0..N {
             tx.send(&vec![i as u8; 3 << 20]).await.unwrap();
@@ -240,7 +240,7 @@ async fn abandoned_recv_loses_nothing(cfg: ChannelConfig) {
 /// A send abandoned while the pipe is full leaves its frame queued; the next
 /// send completes it first, so the reader sees both messages whole.
 async fn abandoned_send_keeps_stream_intact(cfg: ChannelConfig) {
-    let (mut tx, mut rx) = cfg.pipe::<Vec<u8>>().unwrap();
+    let (mut tx, mut rx) = cfg.arena(false).pipe::<Vec<u8>>().unwrap();
     let big = vec![7u8; 8 << 20];
     let r = tokio::time::timeout(Duration::from_millis(30), tx.send(&big)).await;
     assert!(

@@ -51,7 +51,8 @@ async fn recv_pending_on_exited_thread(cfg: ChannelConfig) {
 async fn send_pending_on_exited_thread(cfg: ChannelConfig) {
     // Larger than the pipe (1 MiB at most): the write stays in flight.
     let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
-    let (tx, mut rx) = cfg.pipe::<Vec<u8>>().unwrap();
+    // Inline over the pipe (the arena would take the message at once).
+    let (tx, mut rx) = cfg.arena(false).pipe::<Vec<u8>>().unwrap();
     let sent = big.clone();
     let mut tx = on_short_lived_thread(async move || {
         let mut tx = tx;
@@ -228,6 +229,9 @@ async fn returned_from_engine_core(cfg: ChannelConfig) {
 /// completion queue holds (the rest wait on the kernel's overflow list).
 async fn thousands_complete_while_busy(cfg: ChannelConfig) {
     const N: usize = 4096;
+    // Pipes only: an arena would add fds per channel, and this is about
+    // pipe reads completing.
+    let cfg = cfg.arena(false);
     let mut txs: Vec<Sender<u64>> = Vec::with_capacity(N);
     let mut rxs: Vec<Receiver<u64>> = Vec::with_capacity(N);
     for _ in 0..N {

@@ -520,7 +520,9 @@ fn only_passed_fds_are_inherited(b: Backend) {
         let (other_r, _other_w) = std::io::pipe().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let before = pipe_inodes();
-        let (tx, rx) = cfg(b).pipe::<u8>().unwrap();
+        // No arena: its memfd and notify pipe would be passed too (see
+        // tests/arena_process.rs), and this test counts exactly one pipe.
+        let (tx, rx) = cfg(b).arena(false).pipe::<u8>().unwrap();
         let passed: Vec<String> = pipe_inodes().difference(&before).cloned().collect();
         assert_eq!(passed.len(), 1, "{passed:?}");
         let mut p = Process::builder_async(list_fds_with)

@@ -9,6 +9,7 @@
 //! (a handle inside a message on a channel, say) it is a typed error: pipes
 //! cannot carry file descriptors.
 
+use crate::arena::{self, SendArena, SendExport};
 use crate::backend::{Backend, Io};
 use crate::channel::{BytesReceiver, BytesSender, Receiver, RecvHalf, SendHalf, Sender};
 use crate::error::{Error, ErrorKind, Result};
@@ -32,6 +33,25 @@ pub struct HandoffState {
     max_frame: u64,
     started: bool,
     bytes: Vec<u8>,
+    /// The channel's arena, if it has one.
+    arena: Option<ArenaHandoff>,
+}
+
+/// The arena part of a handed-over channel end: its memfd and notify pipe
+/// (as indices into the inherited fds) and the state of the slot protocol.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+pub(crate) struct ArenaHandoff {
+    memfd: u32,
+    notify: u32,
+    data_len: u64,
+    threshold: u64,
+    next_seq: u64,
+    /// The free ring position this side keeps (tail for a sender, head for
+    /// a receiver).
+    ring: u64,
+    trusted: bool,
+    /// Slots lent to the receiver: (offset, length, sequence). Sender only.
+    lent: Vec<(u64, u64, u64)>,
 }
 
 /// The resolver of a handed-over channel end (an rkyv detail).
@@ -114,6 +134,22 @@ fn export_send(half: &SendHalf) -> Result<HandoffState> {
         Some((res, buf)) => half.enc.unsent(Some((buf, (*res).max(0) as usize))),
         None => half.enc.unsent(None),
     };
+    let arena = match &half.arena {
+        Some(a) => {
+            let st = a.export();
+            Some(ArenaHandoff {
+                memfd: register(a.arena.memfd())?,
+                notify: register(a.notify_fd())?,
+                data_len: st.data_len,
+                threshold: st.threshold,
+                next_seq: st.next_seq,
+                ring: st.tail,
+                trusted: false,
+                lent: st.lent,
+            })
+        }
+        None => None,
+    };
     half.moved.store(true, Ordering::Relaxed);
     Ok(HandoffState {
         index,
@@ -121,6 +157,7 @@ fn export_send(half: &SendHalf) -> Result<HandoffState> {
         max_frame: half_max_frame_send(half),
         started: half.enc.started(),
         bytes,
+        arena,
     })
 }
 
@@ -139,12 +176,29 @@ fn export_recv(half: &RecvHalf) -> Result<HandoffState> {
         Some((_, buf)) => buf.get(half.dec.consumed()..).unwrap_or_default().to_vec(),
         None => half.dec.unconsumed().to_vec(),
     };
+    let arena = match &half.arena {
+        Some(a) => {
+            let (next_seq, head) = a.export()?;
+            Some(ArenaHandoff {
+                memfd: register(a.arena.memfd())?,
+                notify: register(a.notify_fd())?,
+                data_len: a.arena.data_len() as u64,
+                threshold: 0,
+                next_seq,
+                ring: head,
+                trusted: a.trusted,
+                lent: Vec::new(),
+            })
+        }
+        None => None,
+    };
     Ok(HandoffState {
         index,
         role: ROLE_RECV,
         max_frame: half.dec.max_frame() as u64,
         started: half.dec.started(),
         bytes,
+        arena,
     })
 }
 
@@ -162,18 +216,42 @@ fn import(state: &ArchivedHandoffState, role: u8) -> Result<(Io, usize)> {
 
 fn import_send(state: &ArchivedHandoffState) -> Result<SendHalf> {
     let (io, max) = import(state, ROLE_SEND)?;
-    Ok(SendHalf::resumed(
-        io,
-        Encoder::resume(max, state.started, &state.bytes),
-    ))
+    let mut half = SendHalf::resumed(io, Encoder::resume(max, state.started, &state.bytes));
+    if let Some(a) = state.arena.as_ref() {
+        let memfd = take_inherited(a.memfd.to_native())?;
+        let notify = take_inherited(a.notify.to_native())?;
+        let st = SendExport {
+            data_len: a.data_len.to_native(),
+            threshold: a.threshold.to_native(),
+            next_seq: a.next_seq.to_native(),
+            tail: a.ring.to_native(),
+            lent: a
+                .lent
+                .iter()
+                .map(|t| (t.0.to_native(), t.1.to_native(), t.2.to_native()))
+                .collect(),
+        };
+        half.arena = Some(SendArena::import(memfd, notify, &st)?);
+    }
+    Ok(half)
 }
 
 fn import_recv(state: &ArchivedHandoffState) -> Result<RecvHalf> {
     let (io, max) = import(state, ROLE_RECV)?;
-    Ok(RecvHalf::resumed(
-        io,
-        Decoder::resume(max, state.started, &state.bytes),
-    ))
+    let mut half = RecvHalf::resumed(io, Decoder::resume(max, state.started, &state.bytes));
+    if let Some(a) = state.arena.as_ref() {
+        let memfd = take_inherited(a.memfd.to_native())?;
+        let notify = take_inherited(a.notify.to_native())?;
+        half.arena = Some(arena::import_recv(
+            memfd,
+            notify,
+            a.data_len.to_native() as usize,
+            a.next_seq.to_native(),
+            a.ring.to_native(),
+            a.trusted,
+        )?);
+    }
+    Ok(half)
 }
 
 macro_rules! handoff_impls {
