@@ -890,6 +890,24 @@ fn started_in_the_default_mode(b: Backend) {
     });
 }
 
+fn terminate_right_after_start(b: Backend) {
+    common::block_on(async {
+        // A signal sent before the child has run a single instruction of
+        // its own must act, not be lost (the fork server keeps SIGTERM
+        // blocked, never ignored, for this).
+        for _ in 0..20 {
+            let mut p = Process::builder_async(sleep_ms)
+                .arg(60_000)
+                .backend(b)
+                .start()
+                .unwrap();
+            p.terminate().unwrap();
+            let status = p.join_timeout(Duration::from_secs(20)).await.unwrap();
+            assert_eq!(status.signal(), Some(libc::SIGTERM));
+        }
+    });
+}
+
 fn env_and_cwd_as_of_start(b: Backend) {
     common::block_on(async {
         let key = format!("RINGIPC_TEST_LATE_{}", b.name());
@@ -1068,6 +1086,7 @@ fn main() {
             join_pending_on_exited_thread,
         ),
         ("started_in_the_default_mode", started_in_the_default_mode),
+        ("terminate_right_after_start", terminate_right_after_start),
         ("env_and_cwd_as_of_start", env_and_cwd_as_of_start),
         (
             "random_state_differs_between_siblings",

@@ -123,14 +123,13 @@ pub(crate) fn start_server() {
     };
     // SAFETY: getpid has no preconditions.
     let app = unsafe { libc::getpid() };
-    // The signals the server ignores are blocked across the fork, so one
-    // sent to the process group right now cannot kill the server before it
-    // ignores them.
+    // The signals the server never takes are blocked across the fork (and
+    // stay blocked in the server, see `serve_from`).
     // SAFETY: plain signal-set operations on local sets.
     let old_mask = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in SERVER_IGNORES {
+        for sig in SERVER_BLOCKS {
             libc::sigaddset(&mut set, sig);
         }
         let mut old: libc::sigset_t = std::mem::zeroed();
@@ -143,7 +142,7 @@ pub(crate) fn start_server() {
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         drop(app_end);
-        serve_from(server_end, app, &old_mask);
+        serve_from(server_end, app);
     }
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
@@ -265,12 +264,12 @@ fn retire(guard: &mut Option<Server>, why: &str) {
     }
 }
 
-/// Signals sent to a whole process group or session that the server
-/// ignores (its children get the application's dispositions back).
-const SERVER_IGNORES: [libc::c_int; 4] = [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGTERM];
+/// Signals sent to a whole process group or session that the server keeps
+/// blocked (its children unblock them).
+const SERVER_BLOCKS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGTERM];
 
 /// The server's main loop, in the forked server process. Never returns.
-fn serve_from(sock: OwnedFd, app: libc::pid_t, app_mask: &libc::sigset_t) -> ! {
+fn serve_from(sock: OwnedFd, app: libc::pid_t) -> ! {
     // Hold nothing of the application's: not its stdio, pipes or sockets.
     // The socket moves above 2 first (the application may run with 0–2
     // closed, and then the socket sits there).
@@ -300,23 +299,13 @@ fn serve_from(sock: OwnedFd, app: libc::pid_t, app_mask: &libc::sigset_t) -> ! {
     sys::set_thread_name("ringipc-forksrv");
     // Ctrl-C, a hang-up or a SIGTERM sent to the whole process group (a
     // service manager stopping the unit) must not take the server away
-    // while the application shuts down gracefully, maybe starting children:
-    // the server ignores them (it dies with the application anyway) and
-    // each child gets back the application's dispositions as of `init`.
-    let saved = SERVER_IGNORES.map(|sig| {
-        // SAFETY: a zeroed sigaction with SIG_IGN is a valid action; `old`
-        // receives the previous one.
-        unsafe {
-            let mut ign: libc::sigaction = std::mem::zeroed();
-            ign.sa_sigaction = libc::SIG_IGN;
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(sig, &ign, &mut old);
-            old
-        }
-    });
-    // Ignored now: a signal that came while blocked is discarded.
-    // SAFETY: sets the mask to the application's, a valid set.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, app_mask, std::ptr::null_mut()) };
+    // while the application shuts down gracefully, maybe starting children.
+    // The server keeps them blocked (`start_server` blocked them across the
+    // fork), so they stay pending here and never act; it dies with the
+    // application anyway. Blocked, not ignored: a child inherits the mask,
+    // so a signal sent to it before it runs stays pending until the child
+    // empties its mask, and then acts as it would on a re-executed child
+    // (an ignored one would be lost).
     let mut header = [0u8; HEADER_LEN];
     loop {
         let (n, fds) = match sys::recv_with_fds(sock, &mut header, MAX_FDS) {
@@ -354,10 +343,6 @@ fn serve_from(sock: OwnedFd, app: libc::pid_t, app_mask: &libc::sigset_t) -> ! {
                 )
             };
             if pid == 0 {
-                for (sig, old) in SERVER_IGNORES.iter().zip(&saved) {
-                    // SAFETY: restores an action sigaction returned above.
-                    unsafe { libc::sigaction(*sig, old, std::ptr::null_mut()) };
-                }
                 let mask = u32::from_ne_bytes(header[4..8].try_into().unwrap());
                 forked_child(sock, mask, fds);
             }
