@@ -373,17 +373,12 @@ impl RecvHalf {
                     "recv after an I/O error",
                 )));
             }
-            let read = match self.io.poll_read(cx, &mut self.dec) {
-                Poll::Ready(r) => r,
-                Poll::Pending => {
-                    let budget = self.busy_poll.or_else(crate::backend::thread_busy_poll);
-                    match budget {
-                        Some(budget) if spin => {
-                            ready!(self.io.spin_read(cx, &mut self.dec, budget))
-                        }
-                        _ => return Poll::Pending,
-                    }
+            let budget = self.busy_poll.or_else(crate::backend::thread_busy_poll);
+            let read = match budget {
+                Some(budget) if spin => {
+                    ready!(self.io.poll_read_spinning(cx, &mut self.dec, budget))
                 }
+                _ => ready!(self.io.poll_read(cx, &mut self.dec)),
             };
             match read {
                 Ok(0) => {

@@ -79,6 +79,27 @@ pub unsafe fn read(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
     }
 }
 
+/// A read that never blocks, even on a blocking fd: `preadv2` with
+/// `RWF_NOWAIT` at the current position. `WouldBlock` when no data is
+/// there (or another reader took it first).
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+pub unsafe fn read_nowait(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    };
+    // SAFETY: one iovec the caller promises is writable; offset -1 reads at
+    // the current position, as a pipe requires.
+    let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// `write(2)` of `buf`.
 pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a valid slice for reads of its length.

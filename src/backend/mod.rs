@@ -225,19 +225,21 @@ impl Io {
         }
     }
 
-    /// After `poll_read` returned `Pending`: spins for up to `budget` waiting
-    /// for the read instead of parking (busy polling). `Pending` when the
-    /// budget ran out; the task's wake-up stays registered as after
-    /// `poll_read`.
-    pub(crate) fn spin_read(
+    /// [`Io::poll_read`] with busy polling: waits for data by spinning for
+    /// up to `budget` before the task parks. `Pending` once the budget ran
+    /// out; the task's wake-up is registered as after `poll_read`.
+    pub(crate) fn poll_read_spinning(
         &mut self,
         cx: &mut Context<'_>,
         dec: &mut Decoder,
         budget: Duration,
     ) -> Poll<io::Result<usize>> {
         match self {
-            Io::Uring(u) => u.spin_read(cx, dec, budget),
-            Io::Epoll(e) => e.spin_read(dec, budget),
+            Io::Uring(u) => u.poll_read_spinning(cx, dec, budget),
+            Io::Epoll(e) => match e.poll_read(cx, dec) {
+                Poll::Ready(r) => Poll::Ready(r),
+                Poll::Pending => e.spin_read(dec, budget),
+            },
             Io::Closed(_) => Poll::Ready(Err(Io::closed())),
         }
     }

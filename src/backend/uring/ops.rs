@@ -192,21 +192,53 @@ impl UringIo {
         }
     }
 
-    /// Busy polling: watches the completion queue until the read in flight
-    /// completes or `budget` runs out. The completion is posted by task work
-    /// that interrupts this thread's spin, so no syscall is spent waiting.
-    pub(crate) fn spin_read(
+    /// Busy polling. With no read in flight, spins on a non-blocking
+    /// `preadv2(RWF_NOWAIT)` until data (or end of stream) is there or
+    /// `budget` runs out. A read armed on an empty pipe would complete
+    /// through task work that the kernel delivers with an inter-processor
+    /// interrupt, several microseconds in a VM (measured: 16 µs round trips
+    /// with the armed read, under 10 µs reading directly). When the budget
+    /// runs out the read is submitted as usual and the task parks. A read
+    /// already in flight (from an earlier poll) is watched on the completion
+    /// queue instead.
+    pub(crate) fn poll_read_spinning(
         &mut self,
         cx: &mut Context<'_>,
         dec: &mut Decoder,
         budget: std::time::Duration,
     ) -> Poll<io::Result<usize>> {
         let deadline = std::time::Instant::now() + budget;
+        if self.slot.op.is_none() {
+            let fd = self.fd.as_raw_fd();
+            loop {
+                let (ptr, len) = dec.reserve();
+                // SAFETY: `reserve` returned `len` writable bytes at `ptr`,
+                // and no operation in flight writes to the decoder.
+                match unsafe { sys::read_nowait(fd, ptr, len) } {
+                    Ok(n) => {
+                        // SAFETY: the kernel initialised `n <= len` bytes.
+                        unsafe { dec.commit(n) };
+                        return Poll::Ready(Ok(n));
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) && std::time::Instant::now() < deadline =>
+                    {
+                        std::hint::spin_loop()
+                    }
+                    // Out of budget, or no RWF_NOWAIT on this fd
+                    // (EOPNOTSUPP), or an error the ring's read reports too.
+                    Err(_) => return self.poll_read(cx, dec),
+                }
+            }
+        }
         loop {
-            if self.slot.op.is_none() || self.slot.is_done() {
+            if self.slot.is_done() {
                 match self.poll_read(cx, dec) {
                     Poll::Ready(r) => return Poll::Ready(r),
-                    // A moved operation was restarted here: keep spinning.
+                    // A moved operation was restarted here.
                     Poll::Pending => {}
                 }
             }
