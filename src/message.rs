@@ -68,29 +68,34 @@ impl std::error::Error for SlotFull {}
 pub struct SlotWriter<'b> {
     vec: &'b mut Vec<u8>,
     base: usize,
+    /// Writes that keep `vec.len()` below this stay in the frame buffer
+    /// without a look at `spill`: the hot path of every small message is one
+    /// compare and an append.
+    fast_limit: usize,
     spill: Option<&'b mut Spill>,
 }
 
 impl<'b> SlotWriter<'b> {
     pub(crate) fn new(vec: &'b mut Vec<u8>, spill: Option<&'b mut Spill>) -> SlotWriter<'b> {
         let base = vec.len();
-        SlotWriter { vec, base, spill }
-    }
-}
-
-impl rkyv::ser::Positional for SlotWriter<'_> {
-    #[inline]
-    fn pos(&self) -> usize {
-        match &self.spill {
-            Some(s) if s.spilled => s.written,
-            _ => self.vec.len() - self.base,
+        let fast_limit = match &spill {
+            None => usize::MAX,
+            Some(s) => base.saturating_add(s.threshold),
+        };
+        SlotWriter {
+            vec,
+            base,
+            fast_limit,
+            spill,
         }
     }
-}
 
-impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), E> {
+    /// Every write that does not stay under `fast_limit`: the first one to
+    /// reach the threshold (which moves the archive into the arena), and
+    /// every write after that.
+    #[cold]
+    #[inline(never)]
+    fn write_slow(&mut self, bytes: &[u8]) -> std::result::Result<(), SlotFull> {
         let Some(s) = self.spill.as_deref_mut() else {
             self.vec.extend_from_slice(bytes);
             return Ok(());
@@ -118,17 +123,21 @@ impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
                     self.vec.truncate(self.base);
                     s.written = have;
                     s.spilled = true;
+                    // From now on every write goes to the arena.
+                    self.fast_limit = 0;
                 }
                 _ => {
                     s.overflow = Some(need);
-                    return Err(E::new(SlotFull));
+                    // Inline from now on; the caller retries or sends inline.
+                    self.fast_limit = usize::MAX;
+                    return Err(SlotFull);
                 }
             }
         }
         let (off, len) = s.extent.expect("spilled into an extent");
         if s.written + bytes.len() > len {
             s.overflow = Some(s.written + bytes.len());
-            return Err(E::new(SlotFull));
+            return Err(SlotFull);
         }
         // SAFETY: `written + bytes.len() <= len`, so the copy stays inside the
         // free extent, which only this writer uses until it is sent.
@@ -137,6 +146,27 @@ impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
         }
         s.written += bytes.len();
         Ok(())
+    }
+}
+
+impl rkyv::ser::Positional for SlotWriter<'_> {
+    #[inline]
+    fn pos(&self) -> usize {
+        match &self.spill {
+            Some(s) if s.spilled => s.written,
+            _ => self.vec.len() - self.base,
+        }
+    }
+}
+
+impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
+    #[inline(always)]
+    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), E> {
+        if self.vec.len() + bytes.len() < self.fast_limit {
+            self.vec.extend_from_slice(bytes);
+            return Ok(());
+        }
+        self.write_slow(bytes).map_err(E::new)
     }
 }
 
