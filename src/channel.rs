@@ -594,7 +594,13 @@ impl SendHalf {
             return Err(Error::new(ErrorKind::Closed, "send"));
         }
         let arena = self.arena.as_mut().expect("has an arena");
-        if let Err(e) = arena.reclaim() {
+        // With nothing lent there is nothing to take back, and a stream of
+        // small messages must not read the shared free-ring head per send
+        // (in profiles of 64 B one-way that load was a third of the
+        // arena's cost on the sender).
+        if !arena.slots.all_free()
+            && let Err(e) = arena.reclaim()
+        {
             self.closed = true;
             return Err(e);
         }
