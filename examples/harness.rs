@@ -41,6 +41,8 @@ mod fanout;
     reason = "shared with the throughput example, which uses the rest"
 )]
 mod measure;
+#[path = "common/pool_big.rs"]
+mod pool_big;
 
 #[path = "common/forkbench.rs"]
 mod forkbench;
@@ -169,6 +171,8 @@ struct Report {
     /// the page tables of all of it.
     child_start_parent_rss_kib: Option<u64>,
     pool: PoolReport,
+    /// Scenario 4, last table: jobs returning 1 MiB, arena on and off.
+    pool_big: Vec<pool_big::PoolBigRow>,
     /// Scenario 5: fork server against re-exec.
     fork_server: forkbench::Report,
     /// Cells that failed, with the error.
@@ -1055,6 +1059,30 @@ fn run_child_start(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
 /// Scenario 4, on this (unpinned) thread's runtime: `Pool` places its
 /// workers itself. Backends and worker counts take turns in `reps` slices,
 /// each on a fresh pool.
+fn run_pool_big(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
+    bar.set_message("4. pool, 1 MiB results");
+    let rows = with_load(report, "pool, 1 MiB results".to_string(), |_| {
+        let mut rows = Vec::new();
+        for &b in &plan.backends {
+            for arena in [true, false] {
+                rows.push((b, pool_big::run(b, 1, arena, plan.cell.mul_f64(2.0))));
+            }
+        }
+        rows
+    });
+    for (b, row) in rows {
+        match row {
+            Ok(row) => report.pool_big.push(row),
+            Err(error) => report.failures.push(Failure {
+                scenario: "pool, 1 MiB results",
+                contender: contender_name(b),
+                size: Some(pool_big::RESULT),
+                error,
+            }),
+        }
+    }
+}
+
 fn run_pool(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
     bar.set_message("4. pool: calibrating the CPU-bound job");
     let (spins, job_time) = calibrate_spins(Duration::from_millis(1));
@@ -1903,6 +1931,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         child_start: Vec::new(),
         child_start_parent_rss_kib: None,
         pool: PoolReport::default(),
+        pool_big: Vec::new(),
         fork_server: forkbench::Report::default(),
         failures: Vec::new(),
         foreign_load: Vec::new(),
@@ -1922,6 +1951,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     run_many_channels(&plan, &mut report, &bar);
     run_child_start(&plan, &mut report, &bar);
     run_pool(&plan, &mut report, &bar);
+    run_pool_big(&plan, &mut report, &bar);
     bar.set_message("5. fork server vs re-exec");
     report.fork_server = forkbench::run(&plan.backends, plan.cell, plan.reps());
     bar.finish_and_clear();
@@ -1933,6 +1963,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     fanout::print(&report.many_channels);
     print_child_start(&report, &plan);
     print_pool(&report, &plan);
+    pool_big::print(&report.pool_big);
     forkbench::print(&report.fork_server);
     print_targets(&report);
 

@@ -230,6 +230,14 @@ impl ChannelConfig {
         Ok((BytesSender { half: w }, BytesReceiver { half: r }))
     }
 
+    /// A raw-bytes channel with this config's arena, for the pool's result
+    /// pipes: frames go out with [`BytesSender::feed_message`] and come in
+    /// with [`BytesReceiver::recv_owned_frame`].
+    pub(crate) fn bytes_pipe_with_arena(&self) -> Result<(BytesSender, BytesReceiver)> {
+        let (r, w) = self.ends()?;
+        Ok((BytesSender { half: w }, BytesReceiver { half: r }))
+    }
+
     /// Adopts the read end of a pipe (or any stream fd) written in the wire
     /// format by another program. Use [`BytesReceiver::into_typed`] for rkyv
     /// messages.
@@ -308,9 +316,25 @@ pub(crate) struct RecvHalf {
 }
 
 /// A frame resolved to owned storage, for `recv_owned`.
-enum OwnedFrame {
+pub(crate) enum OwnedFrame {
     Heap(AlignedVec<16>),
     Slot(SlotGuard),
+}
+
+impl OwnedFrame {
+    pub(crate) fn into_storage(self) -> Storage {
+        match self {
+            OwnedFrame::Heap(v) => Storage::Heap(v),
+            OwnedFrame::Slot(g) => Storage::Slot(g),
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            OwnedFrame::Heap(v) => v,
+            OwnedFrame::Slot(g) => g.bytes(),
+        }
+    }
 }
 
 impl RecvHalf {
@@ -857,11 +881,7 @@ impl<T: Decode> Receiver<T> {
     /// processes it is copied out first (see [`ChannelConfig::arena`]).
     /// Errors and cancellation as for [`Receiver::recv`].
     pub async fn recv_owned(&mut self) -> Result<OwnedMessage<T>> {
-        let storage = match self.half.owned_frame().await? {
-            OwnedFrame::Heap(v) => Storage::Heap(v),
-            OwnedFrame::Slot(g) => Storage::Slot(g),
-        };
-        OwnedMessage::from_storage(storage)
+        OwnedMessage::from_storage(self.half.owned_frame().await?.into_storage())
     }
 
     /// Receives without validating the archive.
@@ -937,6 +957,16 @@ pub struct BytesReceiver {
 }
 
 impl BytesSender {
+    /// Queues `value`'s archive as one frame, through the arena when the
+    /// channel has one and the archive reaches its threshold (as
+    /// [`Sender::feed`]). Fails with nothing queued.
+    pub(crate) async fn feed_message<T: Encode>(&mut self, value: &T) -> Result<()> {
+        if self.half.push_message(value).await? {
+            return self.half.flush().await;
+        }
+        self.half.feed_flush().await
+    }
+
     /// Sends one frame carrying `bytes`; see [`Sender::send`].
     pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
         self.half.push(|buf| {
@@ -994,6 +1024,12 @@ impl BytesSender {
 }
 
 impl BytesReceiver {
+    /// The next frame as owned storage: an arena slot (in place) or a copy
+    /// in a 16-byte-aligned buffer. Cancellation-safe as `recv`.
+    pub(crate) async fn recv_owned_frame(&mut self) -> Result<OwnedFrame> {
+        self.half.owned_frame().await
+    }
+
     /// Receives rkyv messages of type `T` from this stream from now on.
     pub fn into_typed<T>(self) -> Receiver<T> {
         Receiver::from_half(self.half)

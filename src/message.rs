@@ -300,7 +300,7 @@ pub(crate) struct SlotGuard {
 }
 
 impl SlotGuard {
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         // SAFETY: the slot is held until this guard drops, and guards are
         // only made for arenas read in place (`RecvArena::in_place`).
         unsafe { self.arena.bytes(&self.held) }

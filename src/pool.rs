@@ -13,7 +13,7 @@
 //! `call` ends in a result or a typed error).
 
 use crate::backend::Backend;
-use crate::channel::{BytesReceiver, BytesSender, ChannelConfig};
+use crate::channel::{BytesReceiver, BytesSender, ChannelConfig, OwnedFrame};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Decode, Encode, Message, OwnedMessage, encode_into};
 use crate::process::spec::Spec;
@@ -21,7 +21,6 @@ use crate::process::{Affinity, Process, panic_message};
 use crate::sys;
 use rkyv::api::high::HighDeserializer;
 use rkyv::rancor;
-use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -38,6 +37,9 @@ use tokio::task::JoinHandle;
 pub struct WorkerArgs {
     /// Job frames: id (u64 LE), 8 bytes of padding, then the job's archive.
     jobs: BytesReceiver,
+    /// Two frames per job: the result's archive (through the channel's
+    /// arena when large; empty when there is no value), then a header frame
+    /// (`RESULT_HEADER` bytes, then an error text if any).
     results: BytesSender,
     /// The handler's code address, as an offset (see `Spec::offset`).
     handler: i64,
@@ -46,9 +48,11 @@ pub struct WorkerArgs {
 /// Job frames start with the id and padding, so the archive stays aligned.
 const JOB_HEADER: usize = 16;
 
-/// Result frames: id, busy nanoseconds, tag, padding; then the value's
-/// archive, 16-byte aligned.
+/// Result header frames: id, busy nanoseconds, tag, padding; then, for a
+/// failed job, the error text. The value travels in the frame before.
 const RESULT_HEADER: usize = 32;
+/// Error texts longer than this are cut, so a header frame always fits.
+const MAX_ERROR_TEXT: usize = 64 * 1024;
 const TAG_OK: u8 = 0;
 const TAG_PANIC: u8 = 1;
 const TAG_BAD_JOB: u8 = 2;
@@ -108,34 +112,46 @@ where
             _ => break,
         };
         let start = Instant::now();
-        match job {
-            Ok(job) => match run(job).await {
-                Ok(value) => {
-                    result_frame(&mut buf, id, start.elapsed(), TAG_OK);
-                    if let Err(e) = encode_into(&value, &mut buf) {
-                        result_frame(&mut buf, id, start.elapsed(), TAG_BAD_RESULT);
-                        buf.extend_from_slice(format!("cannot encode the result: {e}").as_bytes());
+        let mut text = String::new();
+        let mut busy = Duration::ZERO;
+        let tag = match job {
+            Ok(job) => match run(job).await.inspect(|_| busy = start.elapsed()) {
+                // The value goes first, serialized once (into the arena when
+                // it is large); its header follows.
+                Ok(value) => match results.feed_message(&value).await {
+                    Ok(()) => TAG_OK,
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::FrameTooLarge | ErrorKind::Serialize) =>
+                    {
+                        text = format!("cannot send the result: {e}");
+                        TAG_BAD_RESULT
                     }
-                }
+                    Err(_) => break,
+                },
                 Err(p) => {
-                    result_frame(&mut buf, id, start.elapsed(), TAG_PANIC);
-                    buf.extend_from_slice(panic_message(p).as_bytes());
+                    busy = start.elapsed();
+                    text = panic_message(p);
+                    TAG_PANIC
                 }
             },
             Err(e) => {
-                result_frame(&mut buf, id, start.elapsed(), TAG_BAD_JOB);
-                buf.extend_from_slice(format!("cannot decode the job: {e}").as_bytes());
+                text = format!("cannot decode the job: {e}");
+                TAG_BAD_JOB
             }
+        };
+        // No value was queued for a failed job: an empty frame keeps the
+        // stream in pairs.
+        if tag != TAG_OK && results.feed(&[]).await.is_err() {
+            break;
         }
-        if let Err(e) = results.send(&buf).await {
-            if e.kind() != ErrorKind::FrameTooLarge {
-                break;
-            }
-            result_frame(&mut buf, id, start.elapsed(), TAG_BAD_RESULT);
-            buf.extend_from_slice(format!("result too large: {e}").as_bytes());
-            if results.send(&buf).await.is_err() {
-                break;
-            }
+        result_frame(&mut buf, id, busy, tag);
+        let mut cut = text.len().min(MAX_ERROR_TEXT);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        buf.extend_from_slice(&text.as_bytes()[..cut]);
+        if results.send(&buf).await.is_err() {
+            break;
         }
     }
 }
@@ -398,7 +414,10 @@ struct WorkerSpawner {
 impl WorkerSpawner {
     fn spawn(&self) -> Result<(Process<()>, BytesSender, BytesReceiver)> {
         let (job_tx, job_rx) = self.cfg.bytes_pipe()?;
-        let (res_tx, res_rx) = self.cfg.bytes_pipe()?;
+        // Results may be large (an image, a tensor): their pipe has the
+        // config's arena, so a large result is serialized once into shared
+        // memory instead of being copied through the pipe.
+        let (res_tx, res_rx) = self.cfg.bytes_pipe_with_arena()?;
         let args = WorkerArgs {
             jobs: job_rx,
             results: res_tx,
@@ -518,7 +537,11 @@ where
     }
 }
 
+/// Turns a worker's result pair (the value frame, then the header frame)
+/// into the call's outcome. The value is not copied: it stays in the
+/// buffer (or arena slot) it was received into.
 fn decode_result<R: Decode>(
+    value: OwnedFrame,
     payload: &[u8],
     worker: usize,
 ) -> (u64, Duration, Result<OwnedMessage<R>>) {
@@ -536,11 +559,7 @@ fn decode_result<R: Decode>(
     let data = &payload[RESULT_HEADER..];
     let text = || String::from_utf8_lossy(data);
     let r = match payload[16] {
-        TAG_OK => {
-            let mut v = AlignedVec::<16>::with_capacity(data.len());
-            v.extend_from_slice(data);
-            OwnedMessage::new(v)
-        }
+        TAG_OK => OwnedMessage::from_storage(value.into_storage()),
         TAG_PANIC => Err(Error::new(
             ErrorKind::Panicked,
             format!("job {id} panicked in worker {worker}: {}", text()),
@@ -599,11 +618,18 @@ async fn reader<R: Decode>(
     let mut started = Instant::now();
     let mut quick_deaths = 0u32;
     loop {
+        // A new worker (or the first): no half-received pair.
+        let mut value: Option<OwnedFrame> = None;
         let end = loop {
             tokio::select! {
-                r = rx.recv() => match r {
-                    Ok(payload) => {
-                        let (id, busy, result) = decode_result::<R>(payload, w);
+                r = rx.recv_owned_frame() => match r {
+                    // The first frame of a pair: the value. Kept across
+                    // loop turns (a `select!` may drop the receive future,
+                    // never a frame already received).
+                    Ok(frame) if value.is_none() => value = Some(frame),
+                    Ok(header) => {
+                        let v = value.take().expect("checked by the arm above");
+                        let (id, busy, result) = decode_result::<R>(v, header.bytes(), w);
                         let mut st = inner.lock();
                         if let Some(p) = st.pending.remove(&id) {
                             let stats = &mut st.stats[w];

@@ -19,6 +19,17 @@ fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
 
+/// Asserts the thread count comes back to `threads`. A joined thread can
+/// stay listed in /proc/self/task for a moment (the kernel wakes `join`
+/// before it has released the task), so this waits for it, with a bound.
+fn assert_threads_back_to(threads: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while thread_count() != threads && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(thread_count(), threads, "{what}");
+}
+
 // ---- engine ----
 
 fn engine_on_all_cores(b: Backend) {
@@ -46,7 +57,7 @@ fn engine_on_all_cores(b: Backend) {
         );
     }
     drop(engine);
-    assert_eq!(thread_count(), threads, "engine threads leaked");
+    assert_threads_back_to(threads, "engine threads leaked");
 }
 
 fn engine_on_one_core(b: Backend) {
@@ -83,7 +94,7 @@ fn engine_panic_is_an_error(b: Backend) {
         5
     );
     engine.shutdown();
-    assert_eq!(thread_count(), threads);
+    assert_threads_back_to(threads, "engine threads leaked after a panic");
 }
 
 fn channels_between_cores(b: Backend) {
@@ -146,6 +157,14 @@ fn panics_on_13(x: u64) -> u64 {
     x
 }
 
+/// `n` bytes of a pattern that depends on `n`, or a panic for `n == 13`.
+fn pattern(n: u64) -> Vec<u8> {
+    if n == 13 {
+        panic!("unlucky {n}");
+    }
+    (0..n).map(|i| (i as u8) ^ (n as u8)).collect()
+}
+
 // ---- pool tests ----
 
 fn pool_results_and_ordered_map(b: Backend) {
@@ -166,6 +185,71 @@ fn pool_results_and_ordered_map(b: Backend) {
         assert_eq!(i, 200);
         let done: u64 = pool.stats().iter().map(|s| s.jobs_done).sum();
         assert_eq!(done, 201);
+        pool.shutdown().await.unwrap();
+    });
+}
+
+/// Results of every size, large ones (through the result pipe's arena)
+/// mixed with small ones and with panics (which send no value): each call
+/// gets its own bytes.
+fn pool_large_results(b: Backend) {
+    check_large_results(b);
+}
+
+/// The same with the arena turned off by the process default: large
+/// results go over the pipe.
+fn pool_large_results_without_arena(b: Backend) {
+    let before = ChannelConfig::new();
+    ChannelConfig::builtin().arena(false).set_process_default();
+    check_large_results(b);
+    before.set_process_default();
+}
+
+fn check_large_results(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(pattern)
+            .workers(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let sizes: Vec<u64> = (0..60u64)
+            .map(|i| match i % 6 {
+                0 => 1 << 20,
+                1 => 64,
+                2 => 13,
+                3 => 4 << 20,
+                4 => 40_000 + i,
+                _ => 0,
+            })
+            .collect();
+        let mut results = pool.map(sizes.clone());
+        let mut held = Vec::new();
+        for &n in &sizes {
+            let r = results.next().await.expect("one result per job");
+            if n == 13 {
+                let e = r.unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Panicked, "{e}");
+                continue;
+            }
+            let m = r.unwrap();
+            assert_eq!(m.len() as u64, n);
+            assert!(
+                m.iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == (i as u8) ^ (n as u8))
+            );
+            // Keep some results alive while later ones arrive.
+            if held.len() < 8 {
+                held.push(m);
+            }
+        }
+        assert!(results.next().await.is_none());
+        drop(held);
+        // The workers are still in step after all of that.
+        assert_eq!(pool.call(5).await.unwrap().len(), 5);
+        let failed: u64 = pool.stats().iter().map(|s| s.jobs_failed).sum();
+        assert_eq!(failed, 10);
         pool.shutdown().await.unwrap();
     });
 }
@@ -404,6 +488,11 @@ fn main() {
         ("channels_between_cores", channels_between_cores),
         ("pool_results_and_ordered_map", pool_results_and_ordered_map),
         ("pool_workers_are_pinned", pool_workers_are_pinned),
+        ("pool_large_results", pool_large_results),
+        (
+            "pool_large_results_without_arena",
+            pool_large_results_without_arena,
+        ),
         ("pool_backpressure", pool_backpressure),
         ("pool_job_panic_keeps_worker", pool_job_panic_keeps_worker),
         (
