@@ -84,9 +84,9 @@ pub use error::{Error, ErrorKind, Result};
 pub use message::{Decode, Encode, Message, OwnedMessage};
 pub use pool::{MapResults, Pool, PoolBuilder, WorkerStats};
 pub use process::{
-    Affinity, ArchivedHandoffState, ChildStdio, EXIT_PANIC, EXIT_START_FAILED, ExitStatus,
-    HandoffResolver, HandoffState, InitOptions, OnDrop, Process, ProcessBuilder, StartMode,
-    default_start_mode, fork_server_pid, init, init_with, join_all, join_any,
-    set_default_start_mode, spawn, spawn_async,
+    Affinity, ArchivedFdIndex, ArchivedHandoffState, ChildStdio, EXIT_PANIC, EXIT_START_FAILED,
+    ExitStatus, Fd, FdIndex, FdResolver, HandoffResolver, HandoffState, Inherit, InheritFd,
+    InitOptions, OnDrop, Process, ProcessBuilder, StartMode, default_start_mode, fork_server_pid,
+    init, init_with, join_all, join_any, set_default_start_mode, spawn, spawn_async,
 };
 pub use rkyv;

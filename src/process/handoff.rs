@@ -85,11 +85,11 @@ pub(crate) fn clear_inherited() {
     INHERITED.with(|c| c.borrow_mut().take());
 }
 
-fn register(fd: RawFd) -> Result<u32> {
+pub(super) fn register(fd: RawFd) -> Result<u32> {
     if fd < 0 {
         return Err(Error::new(
             ErrorKind::Closed,
-            "cannot hand over a closed channel end",
+            "cannot hand over a closed channel end (or an invalid fd)",
         ));
     }
     COLLECT.with(|c| match c.borrow_mut().as_mut() {
@@ -99,18 +99,18 @@ fn register(fd: RawFd) -> Result<u32> {
         }
         None => Err(Error::new(
             ErrorKind::Unsupported,
-            "channel handles can only be passed to a child process as start arguments",
+            "channel ends and inherited fds (`Fd`, `Inherit`) can only be passed to a child process as start arguments, not inside a message",
         )),
     })
 }
 
-fn take_inherited(index: u32) -> Result<OwnedFd> {
+pub(super) fn take_inherited(index: u32) -> Result<OwnedFd> {
     INHERITED.with(|c| {
         let mut c = c.borrow_mut();
         let Some(fds) = c.as_mut() else {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                "channel handles can only be received as a child's start arguments",
+                "channel ends and inherited fds can only be received as a child's start arguments",
             ));
         };
         fds.get_mut(index as usize)

@@ -13,12 +13,14 @@
 mod child;
 mod forkserver;
 pub(crate) mod handoff;
+mod inherit;
 mod spawner;
 pub(crate) mod spec;
 
 pub use child::{EXIT_PANIC, EXIT_START_FAILED, InitOptions, init, init_with};
 pub use forkserver::{StartMode, default_start_mode, fork_server_pid, set_default_start_mode};
 pub use handoff::{ArchivedHandoffState, HandoffResolver, HandoffState};
+pub use inherit::{ArchivedFdIndex, Fd, FdIndex, FdResolver, Inherit, InheritFd};
 
 use crate::backend::Backend;
 use crate::backend::epoll::EpollWait;
