@@ -14,6 +14,9 @@
 //!
 //! Scenarios:
 //! 1. one-way throughput for each message size (messages/s and MB/s);
+//!    1b. one-way bandwidth at 64 KiB, 1 MiB and 4 MiB with every receiver
+//!    reading every byte (a checksum), ringipc's arena on and off (also
+//!    alone: `--arena`);
 //! 2. ping-pong round-trip latency (p50, p99, p99.9) for 64 B and 64 KiB;
 //! 3. child start-to-join: a ringipc child running an empty function
 //!    against `std::process::Command` running `/bin/true`, with two rows
@@ -21,7 +24,8 @@
 //!    with nothing to do, and the same through std's fork path, which any
 //!    `pre_exec` hook selects (ringipc avoids it with `posix_spawn`);
 //! 4. pool job throughput for a tiny job and a CPU-bound job calibrated to
-//!    about a millisecond here, with one worker and one worker per core.
+//!    about a millisecond here, with one worker and one worker per core, and
+//!    jobs returning 1 MiB with the result pipe's arena on and off.
 //!
 //! Scenarios 1 and 2 run every contender's two sides on two OS threads (the
 //! shape of a parent and a child, without process start-up); the measuring
@@ -162,6 +166,10 @@ struct Report {
     contenders: Vec<ContenderStatus>,
     one_way: Vec<OneWayRow>,
     ping_pong: Vec<PingRow>,
+    /// Scenario 1b: one-way bandwidth with every byte read (a checksum).
+    read_every_byte: Vec<arena_bench::ReadAllRow>,
+    /// The harness's peak resident memory (VmHWM) at the end of the run.
+    peak_rss_kib: u64,
     /// Scenario 2b: ping-pong with busy polling, and the CPU it burns.
     busy_poll: Vec<busy::BusyRow>,
     /// Scenario 2c: one engine core serving many children at once.
@@ -968,6 +976,22 @@ fn run_busy_poll(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
     }
 }
 
+fn run_read_every_byte(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
+    bar.set_message("1b. one-way, every byte read");
+    let r = with_load(report, "one-way, every byte read".to_string(), |_| {
+        arena_bench::measure(plan.quick, &plan.backends)
+    });
+    match r {
+        Ok(rows) => report.read_every_byte = rows,
+        Err(e) => report.failures.push(Failure {
+            scenario: "one-way, every byte read",
+            contender: "all",
+            size: None,
+            error: e.to_string(),
+        }),
+    }
+}
+
 fn run_many_channels(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
     bar.set_message("2c. many channels");
     let duration = plan.cell.mul_f64(2.0);
@@ -1186,6 +1210,80 @@ fn pool_rows(report: &mut Report, name: &'static str, workers: usize, s: PoolSli
 // ---------------------------------------------------------------------------
 // Targets: the issue's, each checked on this run's numbers
 
+/// Issue 8's bandwidth targets, on scenario 1b (every byte read).
+fn read_every_byte_targets(rows: &[arena_bench::ReadAllRow]) -> Vec<Target> {
+    let get = |name: &str, size: usize| rows.iter().find(|r| r.contender == name && r.size == size);
+    let arena = ["ringipc-uring arena", "ringipc-epoll arena"];
+    let (k64, m1, m4) = (64 << 10, 1 << 20, 4 << 20);
+    let check = |what: &str,
+                 size: usize,
+                 f: &dyn Fn(&arena_bench::ReadAllRow) -> f64,
+                 min: f64,
+                 unit: &str| {
+        let got: Vec<(&str, f64)> = arena
+            .iter()
+            .filter_map(|&n| Some((n, f(get(n, size)?))))
+            .collect();
+        if got.is_empty() {
+            return not_measured(what, "scenario 1b did not run");
+        }
+        Target {
+            what: what.into(),
+            verdict: verdict(got.iter().all(|&(_, x)| x >= min)),
+            detail: got
+                .iter()
+                .map(|(n, x)| format!("{n} {x:.2}x {unit}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    };
+    let mut out = vec![
+        check(
+            "1 MiB one-way, every byte read: ringipc arena >= 2x raw pipe",
+            m1,
+            &|r| r.vs_raw,
+            2.0,
+            "raw",
+        ),
+        check(
+            "1 MiB one-way, every byte read: ringipc arena >= 1.2x ipc-channel",
+            m1,
+            &|r| r.vs_ipc_channel,
+            1.2,
+            "ipc-channel",
+        ),
+        check(
+            "4 MiB one-way, every byte read: ringipc arena >= 3x raw pipe",
+            m4,
+            &|r| r.vs_raw,
+            3.0,
+            "raw",
+        ),
+        check(
+            "64 KiB one-way, every byte read: ringipc arena >= ipc-channel",
+            k64,
+            &|r| r.vs_ipc_channel,
+            1.0,
+            "ipc-channel",
+        ),
+    ];
+    let what = "1 MiB one-way, every byte read: ringipc inline (arena off) >= tokio pipe + codec";
+    out.push(
+        match (get("ringipc-epoll inline", m1), get("tokio pipe+codec", m1)) {
+            (Some(a), Some(t)) => {
+                let x = a.mb_per_sec / t.mb_per_sec;
+                Target {
+                    what: what.into(),
+                    verdict: verdict(x >= 1.0),
+                    detail: format!("{x:.2}x of tokio pipe+codec"),
+                }
+            }
+            _ => not_measured(what, "scenario 1b did not run"),
+        },
+    );
+    out
+}
+
 fn verdict(ok: bool) -> Verdict {
     if ok { Verdict::Met } else { Verdict::Miss }
 }
@@ -1264,6 +1362,8 @@ fn targets(r: &Report, plan: &Plan) -> Vec<Target> {
         ),
         None => not_measured(what, "needs 1M in --sizes"),
     });
+
+    out.extend(read_every_byte_targets(&r.read_every_byte));
 
     let what = "64 B ping-pong: ringipc p50 <= 1.3x raw blocking pipe";
     out.push(match r.ping(Contender::RawPipe, 64) {
@@ -1705,7 +1805,12 @@ fn print_targets(r: &Report) {
 fn plot(path: &Path, r: &Report, plan: &Plan) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let xs: Vec<f64> = plan.sizes.iter().map(|&s| s as f64).collect();
-    let ys: Vec<f64> = r.one_way.iter().map(|t| t.mb_per_sec).collect();
+    let ys: Vec<f64> = r
+        .one_way
+        .iter()
+        .map(|t| t.mb_per_sec)
+        .chain(r.read_every_byte.iter().map(|t| t.mb_per_sec))
+        .collect();
     if xs.is_empty() || ys.is_empty() {
         return Err("no throughput measured".into());
     }
@@ -1729,7 +1834,7 @@ fn plot(path: &Path, r: &Report, plan: &Plan) -> Result<(), Box<dyn std::error::
         .x_label_area_size(48)
         .y_label_area_size(72)
         .build_cartesian_2d(
-            ((xmin / 1.4)..(xmax * 1.4))
+            ((xmin.min(64.0 * 1024.0) / 1.4)..(xmax.max(4.0 * 1024.0 * 1024.0) * 1.4))
                 .log_scale()
                 .with_key_points(xs.clone()),
             ((ymin / 1.6)..(ymax * 1.6))
@@ -1768,6 +1873,42 @@ fn plot(path: &Path, r: &Report, plan: &Plan) -> Result<(), Box<dyn std::error::
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2))
             });
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    // Scenario 1b, dashed: the same transports with every byte read.
+    let read_all = [
+        ("ringipc-uring arena", colors[0]),
+        ("ringipc-epoll arena", colors[1]),
+        ("ringipc-epoll inline", RGBColor(140, 86, 75)),
+        ("tokio pipe+codec", colors[2]),
+        ("ipc-channel", colors[4]),
+        ("raw pipe", colors[5]),
+    ];
+    for (name, color) in read_all {
+        let points: Vec<(f64, f64)> = r
+            .read_every_byte
+            .iter()
+            .filter(|row| row.contender == name)
+            .map(|row| (row.size as f64, row.mb_per_sec))
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(DashedLineSeries::new(
+                points.clone(),
+                6,
+                4,
+                color.stroke_width(2),
+            ))?
+            .label(format!("{name}, every byte read"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(1))
+            });
+        chart.draw_series(
+            points
+                .iter()
+                .map(|&p| TriangleMarker::new(p, 5, color.filled())),
+        )?;
     }
     chart
         .configure_series_labels()
@@ -1926,6 +2067,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         contenders: statuses,
         one_way: Vec::new(),
         ping_pong: Vec::new(),
+        read_every_byte: Vec::new(),
+        peak_rss_kib: 0,
         busy_poll: Vec::new(),
         many_channels: Vec::new(),
         child_start: Vec::new(),
@@ -1946,6 +2089,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .progress_chars("=> "),
     );
     run_one_way(&plan, &mut report, &bar);
+    run_read_every_byte(&plan, &mut report, &bar);
     run_ping_pong(&plan, &mut report, &bar);
     run_busy_poll(&plan, &mut report, &bar);
     run_many_channels(&plan, &mut report, &bar);
@@ -1958,6 +2102,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     report.targets = targets(&report, &plan);
     print_one_way(&report, &plan);
+    arena_bench::print(&report.read_every_byte);
     print_ping_pong(&report, &plan);
     busy::print(&report.busy_poll);
     fanout::print(&report.many_channels);
@@ -1967,6 +2112,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     forkbench::print(&report.fork_server);
     print_targets(&report);
 
+    report.peak_rss_kib = arena_bench::peak_rss_kib();
     report.total_seconds = t0.elapsed().as_secs_f64();
     println!();
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;

@@ -185,7 +185,7 @@ fn raw(size: usize, messages: u64) -> Result<f64> {
     )
 }
 
-fn peak_rss_kib() -> u64 {
+pub fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -196,14 +196,28 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// One cell of the table: a contender at one size, every byte read.
+#[derive(serde::Serialize, Clone)]
+pub struct ReadAllRow {
+    pub contender: &'static str,
+    pub size: usize,
+    /// Best of the runs, payload MB/s (10^6 bytes).
+    pub mb_per_sec: f64,
+    pub vs_raw: f64,
+    pub vs_ipc_channel: f64,
+}
+
+/// The sizes of the table.
+pub const SIZES: [usize; 3] = [64 << 10, 1 << 20, 4 << 20];
+
 /// Measures every contender at 64 KiB, 1 MiB and 4 MiB (best of `reps`
-/// runs of about `secs` each) and prints a table with ratios.
-pub fn run(quick: bool) -> Result<()> {
+/// runs of about `secs` each).
+pub fn measure(quick: bool, backends: &[Backend]) -> Result<Vec<ReadAllRow>> {
     let (reps, secs) = if quick { (2, 0.15) } else { (5, 0.5) };
     let arena = ChannelConfig::builtin();
     type F = Box<dyn Fn(usize, u64) -> Result<f64>>;
-    let mut contenders: Vec<(&str, F)> = Vec::new();
-    for b in [Backend::Uring, Backend::Epoll] {
+    let mut contenders: Vec<(&'static str, F)> = Vec::new();
+    for &b in backends {
         if b == Backend::Uring && ringipc::uring_probe().is_err() {
             continue;
         }
@@ -225,11 +239,8 @@ pub fn run(quick: bool) -> Result<()> {
     contenders.push(("tokio pipe+codec", Box::new(tokio_codec)));
     contenders.push(("ipc-channel", Box::new(ipc_channel)));
     contenders.push(("raw pipe", Box::new(raw)));
-    println!(
-        "\nOne-way bandwidth, receiver checksums every byte (MB/s, best of {reps}; ratio to raw pipe / ipc-channel):"
-    );
-    println!("arena: {} MiB per channel, threshold 32 KiB (defaults)", 16);
-    for size in [64 << 10, 1 << 20, 4 << 20] {
+    let mut rows = Vec::new();
+    for size in SIZES {
         // Message count for about `secs` at 2 GB/s, at least 16.
         let n = ((2e9 * secs) / size as f64).max(16.0) as u64;
         let mut results = Vec::new();
@@ -240,23 +251,50 @@ pub fn run(quick: bool) -> Result<()> {
             }
             results.push((*name, best));
         }
-        let raw = results
-            .iter()
-            .find(|r| r.0 == "raw pipe")
-            .map_or(1.0, |r| r.1);
-        let ipc = results
-            .iter()
-            .find(|r| r.0 == "ipc-channel")
-            .map_or(1.0, |r| r.1);
-        println!("  {} KiB:", size >> 10);
+        let find = |want: &str| results.iter().find(|r| r.0 == want).map_or(1.0, |r| r.1);
+        let (raw, ipc) = (find("raw pipe"), find("ipc-channel"));
         for (name, mb) in &results {
+            rows.push(ReadAllRow {
+                contender: name,
+                size,
+                mb_per_sec: *mb,
+                vs_raw: mb / raw,
+                vs_ipc_channel: mb / ipc,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Prints the table, with the harness's peak RSS.
+pub fn print(rows: &[ReadAllRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\n1b. one-way bandwidth, receiver checksums every byte (MB/s, best of the runs; ratio to raw pipe / ipc-channel)"
+    );
+    println!(
+        "   ringipc's arena: 16 MiB per channel, threshold 32 KiB (the defaults); both ends in this process, so the arena is read in place"
+    );
+    for size in SIZES {
+        println!("  {} KiB:", size >> 10);
+        for r in rows.iter().filter(|r| r.size == size) {
             println!(
-                "    {name:<22} {mb:>9.0} MB/s   {:>5.2}x raw   {:>5.2}x ipc-channel",
-                mb / raw,
-                mb / ipc
+                "    {:<22} {:>9.0} MB/s   {:>5.2}x raw   {:>5.2}x ipc-channel",
+                r.contender, r.mb_per_sec, r.vs_raw, r.vs_ipc_channel
             );
         }
     }
-    println!("peak RSS of the harness: {} MiB", peak_rss_kib() >> 10);
+    println!(
+        "   peak RSS of the harness so far: {} MiB",
+        peak_rss_kib() >> 10
+    );
+}
+
+/// The table alone (`harness --arena`).
+pub fn run(quick: bool) -> Result<()> {
+    let rows = measure(quick, &[Backend::Uring, Backend::Epoll])?;
+    print(&rows);
     Ok(())
 }
