@@ -17,6 +17,7 @@
 //!    1b. one-way bandwidth at 64 KiB, 1 MiB and 4 MiB with every receiver
 //!    reading every byte (a checksum), ringipc's arena on and off (also
 //!    alone: `--arena`);
+//!    1c. 64 B one-way in ringipc's raw-bytes mode (no rkyv);
 //! 2. ping-pong round-trip latency (p50, p99, p99.9) for 64 B and 64 KiB;
 //! 3. child start-to-join: a ringipc child running an empty function
 //!    against `std::process::Command` running `/bin/true`, with two rows
@@ -37,6 +38,8 @@
 mod arena_bench;
 #[path = "common/busy.rs"]
 mod busy;
+#[path = "common/bytes_mode.rs"]
+mod bytes_mode;
 #[path = "common/fanout.rs"]
 mod fanout;
 #[path = "common/measure.rs"]
@@ -166,6 +169,8 @@ struct Report {
     contenders: Vec<ContenderStatus>,
     one_way: Vec<OneWayRow>,
     ping_pong: Vec<PingRow>,
+    /// Scenario 1c: 64 B one-way in ringipc's raw-bytes mode.
+    bytes_mode: Vec<bytes_mode::BytesRow>,
     /// Scenario 1b: one-way bandwidth with every byte read (a checksum).
     read_every_byte: Vec<arena_bench::ReadAllRow>,
     /// The harness's peak resident memory (VmHWM) at the end of the run.
@@ -976,6 +981,45 @@ fn run_busy_poll(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
     }
 }
 
+fn run_bytes_mode(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
+    if !plan.sizes.contains(&bytes_mode::SIZE) {
+        return;
+    }
+    bar.set_message("1c. 64 B one-way, bytes mode");
+    let raw = report
+        .one_way(Contender::RawPipe, bytes_mode::SIZE)
+        .map(|r| r.msgs_per_sec);
+    let tokio_uring = report
+        .one_way(Contender::TokioUring, bytes_mode::SIZE)
+        .map(|r| r.msgs_per_sec);
+    let rows = with_load(report, "64 B one-way, bytes mode".to_string(), |_| {
+        plan.backends
+            .iter()
+            .map(|&b| (b, bytes_mode::run(b, plan.settings.run_time, plan.reps())))
+            .collect::<Vec<_>>()
+    });
+    for (b, r) in rows {
+        match r {
+            Ok(rate) => report.bytes_mode.push(bytes_mode::BytesRow {
+                contender: match b {
+                    Backend::Uring => "ringipc-bytes-uring",
+                    _ => "ringipc-bytes-epoll",
+                },
+                size: bytes_mode::SIZE,
+                msgs_per_sec: rate,
+                vs_raw: raw.map(|raw| rate / raw),
+                vs_tokio_uring: tokio_uring.map(|t| rate / t),
+            }),
+            Err(e) => report.failures.push(Failure {
+                scenario: "64 B one-way, bytes mode",
+                contender: contender_name(b),
+                size: Some(bytes_mode::SIZE),
+                error: e.to_string(),
+            }),
+        }
+    }
+}
+
 fn run_read_every_byte(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
     bar.set_message("1b. one-way, every byte read");
     let r = with_load(report, "one-way, every byte read".to_string(), |_| {
@@ -1364,6 +1408,30 @@ fn targets(r: &Report, plan: &Plan) -> Vec<Target> {
     });
 
     out.extend(read_every_byte_targets(&r.read_every_byte));
+
+    let what = "64 B one-way: ringipc bytes mode >= tokio-uring with hand framing";
+    out.push(if r.bytes_mode.is_empty() {
+        not_measured(what, "needs 64 B in --sizes")
+    } else {
+        let got: Vec<(&str, Option<f64>)> = r
+            .bytes_mode
+            .iter()
+            .map(|b| (b.contender, b.vs_tokio_uring))
+            .collect();
+        if got.iter().any(|(_, x)| x.is_none()) {
+            not_measured(what, "tokio-uring did not run")
+        } else {
+            Target {
+                what: what.into(),
+                verdict: verdict(got.iter().all(|(_, x)| x.unwrap_or(0.0) >= 1.0)),
+                detail: got
+                    .iter()
+                    .map(|(n, x)| format!("{n} {:.2}x", x.unwrap_or(0.0)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        }
+    });
 
     let what = "64 B ping-pong: ringipc p50 <= 1.3x raw blocking pipe";
     out.push(match r.ping(Contender::RawPipe, 64) {
@@ -2068,6 +2136,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         one_way: Vec::new(),
         ping_pong: Vec::new(),
         read_every_byte: Vec::new(),
+        bytes_mode: Vec::new(),
         peak_rss_kib: 0,
         busy_poll: Vec::new(),
         many_channels: Vec::new(),
@@ -2090,6 +2159,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     run_one_way(&plan, &mut report, &bar);
     run_read_every_byte(&plan, &mut report, &bar);
+    run_bytes_mode(&plan, &mut report, &bar);
     run_ping_pong(&plan, &mut report, &bar);
     run_busy_poll(&plan, &mut report, &bar);
     run_many_channels(&plan, &mut report, &bar);
@@ -2103,6 +2173,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     report.targets = targets(&report, &plan);
     print_one_way(&report, &plan);
     arena_bench::print(&report.read_every_byte);
+    bytes_mode::print(&report.bytes_mode);
     print_ping_pong(&report, &plan);
     busy::print(&report.busy_poll);
     fanout::print(&report.many_channels);
