@@ -34,6 +34,57 @@ async fn send_and_report(mut tx: ringipc::Sender<u32>) -> (Vec<String>, bool) {
     (fds, sigint_default)
 }
 
+/// In a child of a daemon (0–2 closed in the parent): reads its stdin (null),
+/// writes its stdout (a pipe), sends on its handle, and reports what its
+/// fds 0–2 are.
+async fn daemon_child(mut tx: ringipc::Sender<u32>) -> Vec<String> {
+    use std::io::{Read, Write};
+    let mut input = Vec::new();
+    std::io::stdin().read_to_end(&mut input).unwrap();
+    assert!(input.is_empty(), "stdin is /dev/null");
+    print!("to the parent's pipe");
+    std::io::stdout().flush().unwrap();
+    tx.send(&9).await.unwrap();
+    (0..3)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A daemon (0–2 closed) starts a child with a handle, stdin null, stdout
+/// piped and stderr inherited (closed): every fd lands where it belongs,
+/// none clobbering another, in `mode`.
+async fn daemon_stdio(
+    mode: StartMode,
+    (tx, mut rx): (ringipc::Sender<u32>, ringipc::Receiver<u32>),
+) {
+    use std::io::Read;
+    let mut p = Process::builder_async(daemon_child)
+        .arg(tx)
+        .backend(Backend::Epoll)
+        .start_mode(mode)
+        .stdin(ringipc::ChildStdio::Null)
+        .stdout(ringipc::ChildStdio::Piped)
+        .start()
+        .unwrap();
+    assert_eq!(p.started_by(), mode);
+    let mut out = p.take_stdout().unwrap();
+    let m = rx.recv_timeout(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(m.to_native(), 9);
+    let fds = p.join_value().await.unwrap();
+    let mut text = String::new();
+    out.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "to the parent's pipe");
+    assert_eq!(fds[0], "/dev/null", "{fds:?}");
+    assert!(fds[1].starts_with("pipe:"), "{fds:?}");
+    // stderr was closed in the parent: whatever the child opened since may
+    // sit at 2, but none of the pipes it was handed.
+    assert!(!fds[2].starts_with("pipe:"), "{fds:?}");
+}
+
 /// Starts a forked child with a handle through the server; with
 /// `stdio_closed`, checks no pipe of ours became its stdio.
 async fn handle_through_server(stdio_closed: bool) {
@@ -171,6 +222,33 @@ fn role(role: &str) {
             common::block_on(handle_through_server(true));
             return;
         }
+        "daemon-stdio" => {
+            ringipc::init();
+            // With stderr closed, a panic message goes to a file the test
+            // prints on failure.
+            std::panic::set_hook(Box::new(|info| {
+                if let Some(path) = std::env::var_os("RINGIPC_TEST_PANIC_FILE") {
+                    let _ = std::fs::write(path, info.to_string());
+                }
+            }));
+            // SAFETY: closing our own stdio; nothing here uses it again.
+            unsafe {
+                libc::close(0);
+                libc::close(1);
+                libc::close(2);
+            }
+            // The channels are made first, so their pipes take 0–2.
+            let channel = || {
+                ringipc::ChannelConfig::new()
+                    .backend(Backend::Epoll)
+                    .pipe::<u32>()
+                    .unwrap()
+            };
+            let (a, b) = (channel(), channel());
+            common::block_on(daemon_stdio(StartMode::Exec, a));
+            common::block_on(daemon_stdio(StartMode::Fork, b));
+            return;
+        }
         "server-ignores-sigint" => {
             ringipc::init();
             let pid = ringipc::fork_server_pid().unwrap() as i32;
@@ -196,7 +274,7 @@ fn main() {
         return;
     }
     ringipc::init();
-    let roles: [(&str, &str, Option<&str>); 7] = [
+    let roles: [(&str, &str, Option<&str>); 8] = [
         ("env_selects_exec", "env-exec", Some("exec")),
         ("env_selects_fork", "env-fork", Some("fork")),
         ("init_with_exec_starts_no_server", "init-with-exec", None),
@@ -207,6 +285,7 @@ fn main() {
             None,
         ),
         ("fork_with_stdio_closed", "stdio-closed", None),
+        ("daemon_stdio_in_both_modes", "daemon-stdio", None),
         (
             "server_survives_sigint_sigterm_sighup",
             "server-ignores-sigint",
@@ -216,9 +295,13 @@ fn main() {
     let mut failed = Vec::new();
     let total = roles.len() + 2;
     println!("\nrunning {total} tests");
+    let panic_file =
+        std::env::temp_dir().join(format!("ringipc-forkserver-test-{}", std::process::id()));
     for (name, r, start) in roles {
+        let _ = std::fs::remove_file(&panic_file);
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.env("RINGIPC_TEST_ROLE", r);
+        cmd.env("RINGIPC_TEST_PANIC_FILE", &panic_file);
         match start {
             Some(v) => cmd.env("RINGIPC_START", v),
             None => cmd.env_remove("RINGIPC_START"),
@@ -228,13 +311,15 @@ fn main() {
             println!("test {name} ... ok");
         } else {
             println!(
-                "test {name} ... FAILED ({})\n{}",
+                "test {name} ... FAILED ({})\n{}{}",
                 out.status,
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&panic_file).unwrap_or_default()
             );
             failed.push(name.to_string());
         }
     }
+    let _ = std::fs::remove_file(&panic_file);
     // Last: these kill this process's server.
     for backend in [Backend::Uring, Backend::Epoll] {
         let name = format!("{}::killed_server_falls_back", backend.name());

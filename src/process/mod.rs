@@ -450,6 +450,25 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         let args_bytes =
             encoded.map_err(|e| spawn_err("cannot encode the arguments").with_source(e))?;
         let (ctl_r, ctl_w) = sys::pipe().map_err(|e| spawn_err("pipe").with_source(e))?;
+        // A daemon runs with 0–2 closed, so fds of ours may sit there, where
+        // a re-executed child's stdio goes (and the spawner's dup2s onto 0–2
+        // would overwrite them). Everything handed over is numbered above 2:
+        // such an fd is duplicated, and the copy kept until the child started.
+        let mut lifted: Vec<OwnedFd> = Vec::new();
+        let mut above_stdio = |fd: RawFd| -> Result<RawFd> {
+            if fd > 2 {
+                return Ok(fd);
+            }
+            let copy = sys::dup_above(fd, 3).map_err(|e| spawn_err("dup").with_source(e))?;
+            let raw = copy.as_raw_fd();
+            lifted.push(copy);
+            Ok(raw)
+        };
+        let fds = fds
+            .into_iter()
+            .map(&mut above_stdio)
+            .collect::<Result<Vec<RawFd>>>()?;
+        let ctl_w_fd = above_stdio(ctl_w.as_raw_fd())?;
         // SAFETY: getpid has no preconditions.
         let parent_pid = unsafe { libc::getpid() };
         let cstring = |bytes: Vec<u8>| {
@@ -501,7 +520,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             entry: Spec::offset(self.entry),
             args: args_bytes,
             fds: fds.clone(),
-            control_fd: ctl_w.as_raw_fd(),
+            control_fd: ctl_w_fd,
             parent_pid,
             die_with_parent: self.die_with_parent,
             name: name.clone(),
@@ -524,6 +543,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             .map_err(|e| spawn_err("cannot encode the start spec").with_source(e))?;
         let memfd: OwnedFd = sys::memfd_with(c"ringipc-spec", &spec_bytes)
             .map_err(|e| spawn_err("memfd_create").with_source(e))?;
+        let memfd_fd = above_stdio(memfd.as_raw_fd())?;
 
         // Stdio: the child's ends are dropped after the spawn, the parent's
         // ends of pipes are handed out by `take_stdin` and friends.
@@ -550,7 +570,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
                 }
                 ChildStdio::Fd(fd) => fd,
             };
-            stdio[i] = Some(fd.as_raw_fd());
+            stdio[i] = Some(above_stdio(fd.as_raw_fd())?);
             child_ends.push(fd);
         }
         let forked = if fork {
@@ -564,8 +584,8 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
                 }
             }
             forkserver::launch(&forkserver::ForkRequest {
-                spec: memfd.as_raw_fd(),
-                control: ctl_w.as_raw_fd(),
+                spec: memfd_fd,
+                control: ctl_w_fd,
                 stdio: sent,
                 handles: &fds,
             })
@@ -576,10 +596,8 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             Some(pid) => (pid, StartMode::Fork),
             None => {
                 let mut env = env;
-                env.push(cstring(
-                    format!("{CHILD_ENV}={}", memfd.as_raw_fd()).into_bytes(),
-                )?);
-                let mut inherit: Vec<RawFd> = vec![memfd.as_raw_fd(), ctl_w.as_raw_fd()];
+                env.push(cstring(format!("{CHILD_ENV}={memfd_fd}").into_bytes())?);
+                let mut inherit: Vec<RawFd> = vec![memfd_fd, ctl_w_fd];
                 inherit.extend_from_slice(&fds);
                 inherit.sort_unstable();
                 inherit.dedup();
@@ -600,6 +618,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         drop(ctl_w);
         drop(memfd);
         drop(child_ends);
+        drop(lifted);
         let [stdin, stdout, stderr] = parent_ends;
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
