@@ -194,16 +194,39 @@ pub fn waitid_pidfd(pidfd: RawFd, nohang: bool) -> io::Result<Option<(bool, i32)
     Ok(Some(decode_siginfo(&info)))
 }
 
-/// An anonymous, close-on-exec in-memory file holding `data`, positioned at 0.
-pub fn memfd_with(name: &std::ffi::CStr, data: &[u8]) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is a valid C string; MFD_CLOEXEC is a valid flag.
-    let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+/// The seals a start spec's memfd carries: its contents can no longer
+/// change, and a child checks for them to know the fd it was named is one.
+pub const SPEC_SEALS: libc::c_int =
+    libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+
+/// A memfd holding `data`, rewound and sealed with [`SPEC_SEALS`].
+pub fn memfd_spec(name: &std::ffi::CStr, data: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid C string; the flags are valid.
+    let fd = cvt(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
     // SAFETY: memfd_create returned a new fd that nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut f = std::fs::File::from(fd);
     std::io::Write::write_all(&mut f, data)?;
     std::io::Seek::rewind(&mut f)?;
+    // SAFETY: F_ADD_SEALS on our memfd, which has no writable mapping.
+    cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, SPEC_SEALS) })?;
     Ok(f.into())
+}
+
+/// The seals on `fd` (`F_GET_SEALS`); an error for an fd that is not a
+/// memfd (or not open).
+pub fn seals(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: F_GET_SEALS only reads the fd's seals.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GET_SEALS) })
+}
+
+/// Whether this process runs in secure-execution mode (`AT_SECURE`: a
+/// setuid or setgid binary, or one with file capabilities).
+pub fn secure_execution() -> bool {
+    // SAFETY: getauxval has no preconditions.
+    unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
 /// Clears or sets `FD_CLOEXEC`.

@@ -222,6 +222,14 @@ fn role(role: &str) {
             common::block_on(handle_through_server(true));
             return;
         }
+        "stale-child" => {
+            // RINGIPC_CHILD inherited from an ancestor (here naming stdin,
+            // /dev/null): no sealed spec there, so an ordinary process.
+            ringipc::init();
+            assert!(std::env::var_os("RINGIPC_CHILD").is_some());
+            common::block_on(handle_through_server(false));
+            return;
+        }
         "daemon-stdio" => {
             ringipc::init();
             // With stderr closed, a panic message goes to a file the test
@@ -274,7 +282,7 @@ fn main() {
         return;
     }
     ringipc::init();
-    let roles: [(&str, &str, Option<&str>); 8] = [
+    let roles: [(&str, &str, Option<&str>); 9] = [
         ("env_selects_exec", "env-exec", Some("exec")),
         ("env_selects_fork", "env-fork", Some("fork")),
         ("init_with_exec_starts_no_server", "init-with-exec", None),
@@ -286,6 +294,7 @@ fn main() {
         ),
         ("fork_with_stdio_closed", "stdio-closed", None),
         ("daemon_stdio_in_both_modes", "daemon-stdio", None),
+        ("stale_ringipc_child_env_is_ignored", "stale-child", None),
         (
             "server_survives_sigint_sigterm_sighup",
             "server-ignores-sigint",
@@ -302,6 +311,9 @@ fn main() {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.env("RINGIPC_TEST_ROLE", r);
         cmd.env("RINGIPC_TEST_PANIC_FILE", &panic_file);
+        if r == "stale-child" {
+            cmd.env("RINGIPC_CHILD", "0");
+        }
         match start {
             Some(v) => cmd.env("RINGIPC_START", v),
             None => cmd.env_remove("RINGIPC_START"),

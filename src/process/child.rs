@@ -61,7 +61,7 @@ pub fn init_with(options: InitOptions) {
     if INIT_CALLED.swap(true, Ordering::SeqCst) {
         return;
     }
-    let Some(value) = std::env::var_os(CHILD_ENV) else {
+    let Some(spec_fd) = child_spec_fd(std::env::var_os(CHILD_ENV), sys::secure_execution()) else {
         let mode = match std::env::var("RINGIPC_START").as_deref() {
             Ok("fork") => StartMode::Fork,
             Ok("exec") => StartMode::Exec,
@@ -80,13 +80,17 @@ pub fn init_with(options: InitOptions) {
         }
         return;
     };
-    // SAFETY: `init` runs first in `main`, before the program starts threads
-    // that could read the environment concurrently (inside a multi-thread
-    // `#[tokio::main]` its idle workers do not touch the environment).
-    // Removing it keeps programs this child starts from mistaking themselves
-    // for ringipc children.
-    unsafe { std::env::remove_var(CHILD_ENV) };
-    let code = match run(value.to_str().and_then(|v| v.parse::<RawFd>().ok())) {
+    // The marker is removed from the environment, so the entry does not see
+    // it, only while this process is single-threaded: changing the
+    // environment could race with threads a `#[tokio::main]` already
+    // started. Where it stays, a program this child starts that calls
+    // `init` finds it stale (the fd it names is no sealed spec there) and
+    // runs as an ordinary process.
+    if forkserver::single_threaded() {
+        // SAFETY: no other thread exists that could read the environment.
+        unsafe { std::env::remove_var(CHILD_ENV) };
+    }
+    let code = match run(spec_fd) {
         Ok(code) => code,
         Err(msg) => {
             eprintln!("ringipc child: {msg}");
@@ -128,8 +132,34 @@ pub(super) fn read_spec(fd: RawFd) -> Result<AlignedVec<16>, String> {
     Ok(bytes)
 }
 
-fn run(spec_fd: Option<RawFd>) -> Result<i32, String> {
-    let spec_fd = spec_fd.ok_or("malformed RINGIPC_CHILD")?;
+/// Whether this process is a re-executed ringipc child, and its spec's fd.
+///
+/// Only if `RINGIPC_CHILD` names an fd that holds a sealed spec memfd (as
+/// the parent made it): a value inherited from an ancestor names an fd that
+/// is closed or something else here. Never in secure execution (`AT_SECURE`:
+/// setuid, setgid, file capabilities): the spec turns offsets into code
+/// addresses, so whoever sets the environment of a privileged program must
+/// not get to choose them; such a process runs as an ordinary one.
+pub(crate) fn child_spec_fd(value: Option<std::ffi::OsString>, secure: bool) -> Option<RawFd> {
+    let value = value?;
+    if secure {
+        tracing::warn!("RINGIPC_CHILD is set in a setuid/setgid process: ignored");
+        return None;
+    }
+    let fd = value.to_str()?.parse::<RawFd>().ok()?;
+    match sys::seals(fd) {
+        Ok(seals) if seals & sys::SPEC_SEALS == sys::SPEC_SEALS => Some(fd),
+        _ => {
+            tracing::debug!(
+                fd,
+                "RINGIPC_CHILD names no start spec here: a stale value, ignored"
+            );
+            None
+        }
+    }
+}
+
+fn run(spec_fd: RawFd) -> Result<i32, String> {
     let bytes = read_spec(spec_fd)?;
     let spec = rkyv::access::<ArchivedSpec, rancor::Error>(&bytes)
         .map_err(|e| format!("invalid start spec: {e}"))?;
@@ -259,4 +289,29 @@ fn write_outcome(control: OwnedFd, outcome: &Outcome) {
 #[inline(never)]
 pub(crate) fn init_marker() -> u64 {
     std::hint::black_box(0x72_69_6e_67_69_70_63)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_spec_fd;
+    use crate::sys;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn only_a_sealed_spec_makes_a_child() {
+        let spec = sys::memfd_spec(c"ringipc-spec", b"spec bytes").unwrap();
+        let named = |fd: i32| Some(fd.to_string().into());
+        assert_eq!(
+            child_spec_fd(named(spec.as_raw_fd()), false),
+            Some(spec.as_raw_fd())
+        );
+        // Never in a setuid/setgid process.
+        assert_eq!(child_spec_fd(named(spec.as_raw_fd()), true), None);
+        // A stale value: a pipe, a closed fd, garbage, nothing.
+        let (r, _w) = sys::pipe().unwrap();
+        assert_eq!(child_spec_fd(named(r.as_raw_fd()), false), None);
+        assert_eq!(child_spec_fd(named(1_000_000), false), None);
+        assert_eq!(child_spec_fd(Some("not a number".into()), false), None);
+        assert_eq!(child_spec_fd(None, false), None);
+    }
 }

@@ -98,7 +98,7 @@ const MAX_FDS: usize = 253;
 const HEADER_LEN: usize = 12;
 
 /// Whether this process has exactly one thread (`/proc/self/task`).
-fn single_threaded() -> bool {
+pub(super) fn single_threaded() -> bool {
     match std::fs::read_dir("/proc/self/task") {
         Ok(d) => d.count() == 1,
         Err(_) => false,

@@ -541,7 +541,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         };
         let spec_bytes = rkyv::to_bytes::<rancor::Error>(&spec)
             .map_err(|e| spawn_err("cannot encode the start spec").with_source(e))?;
-        let memfd: OwnedFd = sys::memfd_with(c"ringipc-spec", &spec_bytes)
+        let memfd: OwnedFd = sys::memfd_spec(c"ringipc-spec", &spec_bytes)
             .map_err(|e| spawn_err("memfd_create").with_source(e))?;
         let memfd_fd = above_stdio(memfd.as_raw_fd())?;
 
