@@ -25,7 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-/// `feed` flushes by itself once this many bytes are queued.
+/// `feed` flushes by itself once this many bytes are queued, and a `send` or
+/// `feed` that finds this many queued writes them before it queues its own
+/// frame: a future dropped while it waits has queued nothing, so however
+/// many sends are cancelled, a sender holds at most this much plus one frame.
 const FEED_HIGH_WATER: usize = 256 * 1024;
 
 /// Options for new channels: backend, maximum frame size and the shared
@@ -564,6 +567,7 @@ impl SendHalf {
     /// full.
     /// Returns whether the message went through the arena.
     async fn push_message<T: Encode>(&mut self, value: &T) -> Result<bool> {
+        self.wait_room().await?;
         if self.arena.is_none() {
             return self.push(|buf| encode_into(value, buf)).map(|()| false);
         }
@@ -679,6 +683,15 @@ impl SendHalf {
         poll_fn(|cx| self.poll_flush(cx)).await
     }
 
+    /// Waits, writing, until the queue is below the high-water mark. Call it
+    /// before queueing a frame: dropped while it waits, nothing was queued.
+    async fn wait_room(&mut self) -> Result<()> {
+        if self.enc.queued() >= FEED_HIGH_WATER {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     async fn feed_flush(&mut self) -> Result<()> {
         if self.enc.queued() >= FEED_HIGH_WATER {
             self.flush().await?;
@@ -741,6 +754,12 @@ impl<T> Sender<T> {
         self.half.flush().await
     }
 
+    /// Bytes queued or in flight on this end (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn queued_bytes(&self) -> usize {
+        self.half.enc.queued()
+    }
+
     /// The same stream, written as raw frames.
     pub fn into_bytes(self) -> BytesSender {
         BytesSender { half: self.half }
@@ -754,8 +773,11 @@ impl<T: Encode> Sender<T> {
     /// [`ErrorKind::FrameTooLarge`] and writes nothing. A reader that is gone
     /// gives [`ErrorKind::Closed`] (never SIGPIPE).
     ///
-    /// Cancellation-safe: the frame is queued whole at the first poll, and
-    /// dropping the future leaves it queued for the next `send`/`flush`.
+    /// Cancellation-safe: the frame is queued whole, and dropping the future
+    /// leaves it queued for the next `send`/`flush`. When 256 KiB or more
+    /// are already queued (sends cancelled before they were written), it
+    /// first writes those and only then queues its frame, so a future dropped
+    /// while it waits queued nothing and memory stays bounded.
     pub async fn send(&mut self, value: &T) -> Result<()> {
         self.half.push_message(value).await?;
         self.half.flush().await
@@ -933,6 +955,7 @@ pub struct BytesReceiver {
 impl BytesSender {
     /// Sends one frame carrying `bytes`; see [`Sender::send`].
     pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.half.wait_room().await?;
         self.half.push(|buf| {
             buf.extend_from_slice(bytes);
             Ok(())
@@ -944,6 +967,7 @@ impl BytesSender {
     /// tests play a buggy or hostile peer of the arena protocol.
     #[doc(hidden)]
     pub async fn send_raw_frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
+        self.half.wait_room().await?;
         if self.half.closed {
             return Err(Error::new(ErrorKind::Closed, "send"));
         }
@@ -959,6 +983,7 @@ impl BytesSender {
 
     /// Queues one frame; see [`Sender::feed`].
     pub async fn feed(&mut self, bytes: &[u8]) -> Result<()> {
+        self.half.wait_room().await?;
         self.half.push(|buf| {
             buf.extend_from_slice(bytes);
             Ok(())
@@ -979,6 +1004,12 @@ impl BytesSender {
     /// The backend this end runs on.
     pub fn backend(&self) -> Backend {
         self.half.backend()
+    }
+
+    /// Bytes queued or in flight on this end (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn queued_bytes(&self) -> usize {
+        self.half.enc.queued()
     }
 
     /// Sends rkyv messages of type `T` on this stream from now on.

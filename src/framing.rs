@@ -268,6 +268,8 @@ pub struct Encoder {
     /// Frames encoded while `buf` is lent out.
     next: Vec<u8>,
     lent: bool,
+    /// Unwritten bytes of the buffer while it is lent out.
+    lent_len: usize,
     max_frame: usize,
     hello_sent: bool,
 }
@@ -280,6 +282,7 @@ impl Encoder {
             pos: 0,
             next: Vec::new(),
             lent: false,
+            lent_len: 0,
             max_frame: max_frame.min(ABSOLUTE_MAX_FRAME),
             hello_sent: false,
         }
@@ -405,10 +408,12 @@ impl Encoder {
         enc
     }
 
-    /// Bytes unwritten or in flight.
+    /// Bytes unwritten or in flight (what this encoder holds on to until
+    /// the kernel takes it).
     pub fn queued(&self) -> usize {
         if self.lent {
-            self.next.len() + 1
+            // Never 0 while a write is in flight: callers read 0 as "idle".
+            (self.lent_len + self.next.len()).max(1)
         } else {
             self.buf.len() - self.pos
         }
@@ -435,6 +440,7 @@ impl Encoder {
     pub fn take_buf(&mut self) -> (Vec<u8>, usize) {
         debug_assert!(!self.lent);
         self.lent = true;
+        self.lent_len = self.buf.len() - self.pos;
         (std::mem::take(&mut self.buf), self.pos)
     }
 
@@ -444,6 +450,7 @@ impl Encoder {
         debug_assert!(self.lent);
         self.buf = buf;
         self.lent = false;
+        self.lent_len = 0;
         if !self.next.is_empty() {
             // `buf` holds whole padded frames, so its length is a multiple of
             // 16 and appended frames keep their alignment.
