@@ -390,6 +390,10 @@ impl RecvHalf {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Polled outside a runtime: nothing was read, nothing is broken.
+                Err(e) if crate::backend::epoll::is_no_runtime(&e) => {
+                    return Poll::Ready(Err(Error::io("recv", e)));
+                }
                 Err(e) => {
                     self.broken = true;
                     return Poll::Ready(Err(Error::io("recv", e)));
@@ -830,6 +834,12 @@ impl<T> Receiver<T> {
         self.half.arena_span()
     }
 
+    /// Bytes of memory this end's receive buffer holds (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn buffer_capacity(&self) -> usize {
+        self.half.dec.capacity()
+    }
+
     /// The same stream, seen as raw frames.
     pub fn into_bytes(self) -> BytesReceiver {
         BytesReceiver { half: self.half }
@@ -1042,6 +1052,12 @@ impl BytesReceiver {
     /// Sets this end's busy-poll budget; see [`Receiver::set_busy_poll`].
     pub fn set_busy_poll(&mut self, budget: Option<Duration>) {
         self.half.busy_poll = budget.filter(|b| !b.is_zero());
+    }
+
+    /// Bytes of memory this end's receive buffer holds (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn buffer_capacity(&self) -> usize {
+        self.half.dec.capacity()
     }
 
     /// The backend this end runs on.

@@ -142,4 +142,71 @@ both_backends!(
     cancelled_arena_sends_stay_bounded,
     cancelled_feeds_stay_bounded,
     cancelled_duplex_sends_stay_bounded,
+    announced_frame_reserves_nothing,
+    large_frames_arrive_whole,
 );
+
+/// A raw writer announces a 200 MiB frame (under the 256 MiB limit) and
+/// sends 100 bytes of it: the receiver's buffer stays near one read chunk.
+/// Then 256 KiB more arrive, the writer goes away, and the receiver reports
+/// the cut frame.
+async fn announced_frame_reserves_nothing(cfg: ChannelConfig) {
+    use ringipc::framing::{FrameKind, header, hello_frame};
+    use std::io::Write;
+    use std::time::Duration;
+    let (r, w) = std::io::pipe().unwrap();
+    let mut rx = cfg.bytes_receiver(r.into()).unwrap();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    // The writer blocks while the pipe is full, so it gets its own thread.
+    let writer = std::thread::spawn(move || {
+        let mut w = std::fs::File::from(std::os::fd::OwnedFd::from(w));
+        let mut s = hello_frame().to_vec();
+        s.extend_from_slice(&header(FrameKind::Data, 200 << 20));
+        s.extend_from_slice(&[7; 100]);
+        w.write_all(&s).unwrap();
+        wait.recv().unwrap();
+        w.write_all(&[7; 256 * 1024]).unwrap();
+    });
+    let e = rx
+        .recv_timeout(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut);
+    assert!(
+        rx.buffer_capacity() <= 1 << 20,
+        "a 148-byte prefix made the receiver hold {} bytes",
+        rx.buffer_capacity()
+    );
+    // More bytes arrive: room grows with them (however many got here
+    // before the timeout), never to the announced size.
+    go.send(()).unwrap();
+    let _ = rx.recv_timeout(Duration::from_millis(100)).await;
+    assert!(
+        rx.buffer_capacity() <= 2 << 20,
+        "{} bytes held for at most 256 KiB received",
+        rx.buffer_capacity()
+    );
+    assert_eq!(rx.recv().await.unwrap_err().kind(), ErrorKind::Truncated);
+    writer.join().unwrap();
+}
+
+/// Large frames still arrive whole through the growing buffer.
+async fn large_frames_arrive_whole(cfg: ChannelConfig) {
+    let (mut tx, mut rx) = cfg.bytes_pipe().unwrap();
+    let payload: Vec<u8> = (0..(5 << 20) + 3).map(|i| (i % 251) as u8).collect();
+    let (sent, ()) = tokio::join!(
+        async {
+            for _ in 0..3 {
+                tx.send(&payload).await?;
+            }
+            tx.send(b"small").await
+        },
+        async {
+            for _ in 0..3 {
+                assert!(rx.recv().await.unwrap() == &payload[..]);
+            }
+            assert_eq!(rx.recv().await.unwrap(), b"small");
+        }
+    );
+    sent.unwrap();
+}
