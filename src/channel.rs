@@ -619,9 +619,9 @@ impl SendHalf {
         let pushed = self.enc.push_kind_with(
             |buf| {
                 let w = SlotWriter::new(&mut *buf, Some(&mut spill));
-                rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, w)
+                rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(value, w)
                     .map(drop)
-                    .map_err(|e| Error::new(ErrorKind::Serialize, "send").with_source(e))?;
+                    .map_err(crate::message::serialize_error)?;
                 if !spill.spilled {
                     return Ok(FrameKind::Data);
                 }

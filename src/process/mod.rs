@@ -186,7 +186,7 @@ where
     A: Decode,
     A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
 {
-    let archived = rkyv::access::<A::Archived, rancor::Error>(args)
+    let archived = rkyv::access::<A::Archived, rancor::BoxedError>(args)
         .map_err(|e| format!("invalid arguments: {e}"));
     let decoded = archived.and_then(|a| {
         rkyv::deserialize::<A, rancor::Error>(a)
