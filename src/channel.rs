@@ -25,7 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-/// `feed` flushes by itself once this many bytes are queued.
+/// `feed` flushes by itself once this many bytes are queued, and a `send` or
+/// `feed` that finds this many queued writes them before it queues its own
+/// frame: a future dropped while it waits has queued nothing, so however
+/// many sends are cancelled, a sender holds at most this much plus one frame.
 const FEED_HIGH_WATER: usize = 256 * 1024;
 
 /// Options for new channels: backend, maximum frame size and the shared
@@ -411,6 +414,10 @@ impl RecvHalf {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Polled outside a runtime: nothing was read, nothing is broken.
+                Err(e) if crate::backend::epoll::is_no_runtime(&e) => {
+                    return Poll::Ready(Err(Error::io("recv", e)));
+                }
                 Err(e) => {
                     self.broken = true;
                     return Poll::Ready(Err(Error::io("recv", e)));
@@ -588,6 +595,7 @@ impl SendHalf {
     /// full.
     /// Returns whether the message went through the arena.
     async fn push_message<T: Encode>(&mut self, value: &T) -> Result<bool> {
+        self.wait_room().await?;
         if self.arena.is_none() {
             return self.push(|buf| encode_into(value, buf)).map(|()| false);
         }
@@ -641,9 +649,9 @@ impl SendHalf {
         let pushed = self.enc.push_kind_with(
             |buf| {
                 let w = SlotWriter::new(&mut *buf, Some(&mut spill));
-                rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, w)
+                rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(value, w)
                     .map(drop)
-                    .map_err(|e| Error::new(ErrorKind::Serialize, "send").with_source(e))?;
+                    .map_err(crate::message::serialize_error)?;
                 if !spill.spilled {
                     return Ok(FrameKind::Data);
                 }
@@ -709,6 +717,15 @@ impl SendHalf {
         poll_fn(|cx| self.poll_flush(cx)).await
     }
 
+    /// Waits, writing, until the queue is below the high-water mark. Call it
+    /// before queueing a frame: dropped while it waits, nothing was queued.
+    async fn wait_room(&mut self) -> Result<()> {
+        if self.enc.queued() >= FEED_HIGH_WATER {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     async fn feed_flush(&mut self) -> Result<()> {
         if self.enc.queued() >= FEED_HIGH_WATER {
             self.flush().await?;
@@ -771,6 +788,12 @@ impl<T> Sender<T> {
         self.half.flush().await
     }
 
+    /// Bytes queued or in flight on this end (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn queued_bytes(&self) -> usize {
+        self.half.enc.queued()
+    }
+
     /// The same stream, written as raw frames.
     pub fn into_bytes(self) -> BytesSender {
         BytesSender { half: self.half }
@@ -784,8 +807,11 @@ impl<T: Encode> Sender<T> {
     /// [`ErrorKind::FrameTooLarge`] and writes nothing. A reader that is gone
     /// gives [`ErrorKind::Closed`] (never SIGPIPE).
     ///
-    /// Cancellation-safe: the frame is queued whole at the first poll, and
-    /// dropping the future leaves it queued for the next `send`/`flush`.
+    /// Cancellation-safe: the frame is queued whole, and dropping the future
+    /// leaves it queued for the next `send`/`flush`. When 256 KiB or more
+    /// are already queued (sends cancelled before they were written), it
+    /// first writes those and only then queues its frame, so a future dropped
+    /// while it waits queued nothing and memory stays bounded.
     pub async fn send(&mut self, value: &T) -> Result<()> {
         self.half.push_message(value).await?;
         self.half.flush().await
@@ -836,6 +862,12 @@ impl<T> Receiver<T> {
     /// [`Message::bytes`] lie inside it was read in place).
     pub fn arena_span(&self) -> Option<Range<usize>> {
         self.half.arena_span()
+    }
+
+    /// Bytes of memory this end's receive buffer holds (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn buffer_capacity(&self) -> usize {
+        self.half.dec.capacity()
     }
 
     /// The same stream, seen as raw frames.
@@ -969,6 +1001,7 @@ impl BytesSender {
 
     /// Sends one frame carrying `bytes`; see [`Sender::send`].
     pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.half.wait_room().await?;
         self.half.push(|buf| {
             buf.extend_from_slice(bytes);
             Ok(())
@@ -980,6 +1013,7 @@ impl BytesSender {
     /// tests play a buggy or hostile peer of the arena protocol.
     #[doc(hidden)]
     pub async fn send_raw_frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
+        self.half.wait_room().await?;
         if self.half.closed {
             return Err(Error::new(ErrorKind::Closed, "send"));
         }
@@ -995,6 +1029,7 @@ impl BytesSender {
 
     /// Queues one frame; see [`Sender::feed`].
     pub async fn feed(&mut self, bytes: &[u8]) -> Result<()> {
+        self.half.wait_room().await?;
         self.half.push(|buf| {
             buf.extend_from_slice(bytes);
             Ok(())
@@ -1015,6 +1050,12 @@ impl BytesSender {
     /// The backend this end runs on.
     pub fn backend(&self) -> Backend {
         self.half.backend()
+    }
+
+    /// Bytes queued or in flight on this end (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn queued_bytes(&self) -> usize {
+        self.half.enc.queued()
     }
 
     /// Sends rkyv messages of type `T` on this stream from now on.
@@ -1053,6 +1094,12 @@ impl BytesReceiver {
     /// Sets this end's busy-poll budget; see [`Receiver::set_busy_poll`].
     pub fn set_busy_poll(&mut self, budget: Option<Duration>) {
         self.half.busy_poll = budget.filter(|b| !b.is_zero());
+    }
+
+    /// Bytes of memory this end's receive buffer holds (diagnostics and tests).
+    #[doc(hidden)]
+    pub fn buffer_capacity(&self) -> usize {
+        self.half.dec.capacity()
     }
 
     /// The backend this end runs on.

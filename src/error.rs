@@ -18,6 +18,7 @@ pub enum ErrorKind {
     TimedOut,
     /// A frame is longer than the channel's maximum frame size. On receive the
     /// channel is closed; on send nothing was written and the channel is still usable.
+    /// Also a child's return value larger than its `max_result_size`.
     FrameTooLarge,
     /// The stream ended in the middle of a frame.
     Truncated,
@@ -25,9 +26,10 @@ pub enum ErrorKind {
     /// version or frame kind). The channel is closed.
     Protocol,
     /// A frame arrived whole but its payload is not a valid archive of the
-    /// expected type.
+    /// expected type. [`std::error::Error::source`] holds rkyv's reason.
     InvalidMessage,
-    /// A message could not be serialized.
+    /// A message could not be serialized; [`std::error::Error::source`]
+    /// holds rkyv's reason.
     Serialize,
     /// A child process could not be started.
     Spawn,
@@ -43,7 +45,10 @@ pub enum ErrorKind {
     /// A non-waiting operation found no capacity (`Pool::try_call` on a
     /// saturated pool).
     Busy,
-    /// The requested feature or backend is not available on this system.
+    /// The requested feature or backend is not available on this system, or
+    /// the operation is not supported, e.g. a channel end sent inside a
+    /// message rather than as a child's start argument (the error names the
+    /// handle type; nothing was written).
     Unsupported,
     /// An operating-system error; [`std::error::Error::source`] holds the `io::Error`.
     Io,

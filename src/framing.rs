@@ -268,6 +268,8 @@ pub struct Encoder {
     /// Frames encoded while `buf` is lent out.
     next: Vec<u8>,
     lent: bool,
+    /// Unwritten bytes of the buffer while it is lent out.
+    lent_len: usize,
     max_frame: usize,
     hello_sent: bool,
 }
@@ -280,6 +282,7 @@ impl Encoder {
             pos: 0,
             next: Vec::new(),
             lent: false,
+            lent_len: 0,
             max_frame: max_frame.min(ABSOLUTE_MAX_FRAME),
             hello_sent: false,
         }
@@ -405,10 +408,12 @@ impl Encoder {
         enc
     }
 
-    /// Bytes unwritten or in flight.
+    /// Bytes unwritten or in flight (what this encoder holds on to until
+    /// the kernel takes it).
     pub fn queued(&self) -> usize {
         if self.lent {
-            self.next.len() + 1
+            // Never 0 while a write is in flight: callers read 0 as "idle".
+            (self.lent_len + self.next.len()).max(1)
         } else {
             self.buf.len() - self.pos
         }
@@ -435,6 +440,7 @@ impl Encoder {
     pub fn take_buf(&mut self) -> (Vec<u8>, usize) {
         debug_assert!(!self.lent);
         self.lent = true;
+        self.lent_len = self.buf.len() - self.pos;
         (std::mem::take(&mut self.buf), self.pos)
     }
 
@@ -444,6 +450,7 @@ impl Encoder {
         debug_assert!(self.lent);
         self.buf = buf;
         self.lent = false;
+        self.lent_len = 0;
         if !self.next.is_empty() {
             // `buf` holds whole padded frames, so its length is a multiple of
             // 16 and appended frames keep their alignment.
@@ -486,6 +493,8 @@ pub struct Decoder {
     failed: Option<FrameError>,
     /// The buffer is lent out to an in-flight kernel read.
     lent: bool,
+    /// Capacity of the buffer while it is lent out.
+    lent_capacity: usize,
 }
 
 impl Decoder {
@@ -499,6 +508,7 @@ impl Decoder {
             hello_seen: false,
             failed: None,
             lent: false,
+            lent_capacity: 0,
         }
     }
 
@@ -643,9 +653,11 @@ impl Decoder {
     }
 
     /// How many bytes the next read should make room for, and at most
-    /// ask for: the rest of a large frame whose header has arrived (so the
-    /// read ends on its boundary and the buffer empties without moving
-    /// bytes), or one read chunk.
+    /// ask for. Inside a large frame whose header has arrived, the read asks
+    /// for at most the rest of it (so it ends on the frame boundary and the
+    /// buffer empties without moving bytes), but room grows with the bytes
+    /// that arrived, doubling, never with what the header claims: a peer
+    /// that announces 256 MiB and sends 100 bytes costs a read chunk.
     fn wanted(&self) -> (usize, usize) {
         let avail = &self.buf[self.start..];
         if avail.len() >= HEADER_LEN
@@ -653,7 +665,7 @@ impl Decoder {
         {
             let rest = (HEADER_LEN + padded(len)).saturating_sub(avail.len());
             if rest > READ_CHUNK {
-                return (rest, rest);
+                return (rest.min(avail.len().max(READ_CHUNK)), rest);
             }
             return (rest.max(READ_CHUNK), usize::MAX);
         }
@@ -662,7 +674,8 @@ impl Decoder {
 
     /// Makes room for a read and returns the writable region, which is
     /// uninitialised memory: write into it, then call [`Decoder::commit`].
-    /// Never grows past one maximum frame plus a read chunk.
+    /// Never grows past one maximum frame plus a read chunk, nor past about
+    /// twice the bytes buffered plus a read chunk.
     pub fn reserve(&mut self) -> (*mut u8, usize) {
         let (want, cap) = self.wanted();
         if self.start == self.buf.len() {
@@ -682,8 +695,8 @@ impl Decoder {
             self.start = 0;
         }
         if self.buf.capacity() - self.buf.len() < want {
-            // Room for exactly one large frame, not the doubling `reserve`
-            // would do: the limit bounds memory, not half of it.
+            // `wanted` already doubles a large frame's room; growing exactly
+            // keeps the last step from overshooting the frame.
             if want > READ_CHUNK {
                 self.buf.reserve_exact(want);
             } else {
@@ -730,6 +743,7 @@ impl Decoder {
     pub fn take_buf(&mut self) -> AlignedVec<FRAME_ALIGN> {
         debug_assert!(!self.lent);
         self.lent = true;
+        self.lent_capacity = self.buf.capacity();
         std::mem::take(&mut self.buf)
     }
 
@@ -737,6 +751,16 @@ impl Decoder {
     pub fn put_buf(&mut self, buf: AlignedVec<FRAME_ALIGN>) {
         self.buf = buf;
         self.lent = false;
+    }
+
+    /// Bytes of memory the receive buffer holds (also while it is lent to a
+    /// read in flight).
+    pub fn capacity(&self) -> usize {
+        if self.lent {
+            self.lent_capacity
+        } else {
+            self.buf.capacity()
+        }
     }
 }
 
@@ -840,6 +864,41 @@ mod tests {
         d.feed(&s);
         assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
         assert!(d.buffer().len() < 1024);
+    }
+
+    #[test]
+    fn announced_frame_does_not_reserve_memory_before_it_arrives() {
+        let mut s = hello_frame().to_vec();
+        s.extend_from_slice(&header(FrameKind::Data, 200 << 20));
+        s.extend_from_slice(&[7; 100]);
+        let mut d = Decoder::new(256 << 20);
+        d.feed(&s);
+        assert_eq!(d.next_frame(), Ok(None));
+        let _ = d.reserve();
+        assert!(d.capacity() <= 4 * READ_CHUNK, "{}", d.capacity());
+        // Room grows with what arrives, and the frame still decodes whole.
+        let mut sent = 100;
+        while sent < 8 << 20 {
+            d.feed(&[7; 4096]);
+            sent += 4096;
+            assert!(d.capacity() <= 2 * (sent + HEADER_LEN) + 2 * READ_CHUNK);
+        }
+    }
+
+    #[test]
+    fn large_frames_decode_through_growing_reads() {
+        let payload: Vec<u8> = (0..(3 << 20) + 5).map(|i| i as u8).collect();
+        let mut enc = Encoder::new(8 << 20);
+        enc.push(&payload).unwrap();
+        enc.push(b"after").unwrap();
+        let stream = enc.pending().to_vec();
+        let mut d = Decoder::new(8 << 20);
+        let mut out = Vec::new();
+        for c in stream.chunks(100_000) {
+            d.feed(c);
+            drain(&mut d, &mut out).unwrap();
+        }
+        assert_eq!(out, vec![payload, b"after".to_vec()]);
     }
 
     #[test]

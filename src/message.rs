@@ -18,15 +18,15 @@ use std::sync::Arc;
 ///
 /// Implemented automatically; you never implement it by hand.
 pub trait Encode:
-    for<'a, 'b> Serialize<HighSerializer<&'b mut Vec<u8>, ArenaHandle<'a>, rancor::Error>>
-    + for<'a, 'b> Serialize<HighSerializer<SlotWriter<'b>, ArenaHandle<'a>, rancor::Error>>
+    for<'a, 'b> Serialize<HighSerializer<&'b mut Vec<u8>, ArenaHandle<'a>, rancor::BoxedError>>
+    + for<'a, 'b> Serialize<HighSerializer<SlotWriter<'b>, ArenaHandle<'a>, rancor::BoxedError>>
 {
 }
 
 impl<T> Encode for T where
     T: ?Sized
-        + for<'a, 'b> Serialize<HighSerializer<&'b mut Vec<u8>, ArenaHandle<'a>, rancor::Error>>
-        + for<'a, 'b> Serialize<HighSerializer<SlotWriter<'b>, ArenaHandle<'a>, rancor::Error>>
+        + for<'a, 'b> Serialize<HighSerializer<&'b mut Vec<u8>, ArenaHandle<'a>, rancor::BoxedError>>
+        + for<'a, 'b> Serialize<HighSerializer<SlotWriter<'b>, ArenaHandle<'a>, rancor::BoxedError>>
 {
 }
 
@@ -175,12 +175,12 @@ impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
 /// Implemented automatically for `#[derive(rkyv::Archive)]` types (rkyv's
 /// derive implements `CheckBytes` for the archived type).
 pub trait Decode:
-    Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>>>
+    Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>>
 {
 }
 
 impl<T> Decode for T where
-    T: Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::Error>>>
+    T: Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>>
 {
 }
 
@@ -188,9 +188,19 @@ impl<T> Decode for T where
 /// provides reused scratch memory, so this does not allocate per message once
 /// warm).
 pub(crate) fn encode_into<T: Encode>(value: &T, out: &mut Vec<u8>) -> Result<()> {
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, out)
+    rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(value, out)
         .map(|_| ())
-        .map_err(|e| Error::new(ErrorKind::Serialize, "send").with_source(e))
+        .map_err(serialize_error)
+}
+
+/// A serializer error as a ringipc error. rkyv's `BoxedError` keeps the
+/// cause (its `rancor::Error` drops it in release builds); a ringipc error
+/// raised inside serialization (a channel handle refused) keeps its kind.
+pub(crate) fn serialize_error(e: rancor::BoxedError) -> Error {
+    match rancor::BoxedError::inner(&e).downcast_ref::<Error>() {
+        Some(inner) => Error::new(inner.kind(), "send").with_source(e),
+        None => Error::new(ErrorKind::Serialize, "send").with_source(e),
+    }
 }
 
 /// A received message, borrowed in place from the receiver's buffer.
@@ -217,7 +227,7 @@ impl<'a, T: Decode> Message<'a, T> {
     /// # Ok::<(), ringipc::Error>(())
     /// ```
     pub fn validate(bytes: &'a [u8]) -> Result<Message<'a, T>> {
-        let archived = rkyv::access::<T::Archived, rancor::Error>(bytes).map_err(|e| {
+        let archived = rkyv::access::<T::Archived, rancor::BoxedError>(bytes).map_err(|e| {
             Error::new(ErrorKind::InvalidMessage, "recv: payload failed validation").with_source(e)
         })?;
         Ok(Message { bytes, archived })

@@ -301,6 +301,51 @@ async fn corrupted_payload_is_invalid_message(cfg: ChannelConfig) {
     assert_eq!(rx.recv().await.unwrap().deserialize().unwrap(), v);
 }
 
+/// A validation error keeps rkyv's cause (its default error type drops it
+/// in release builds: run `cargo test --release` to see the old message).
+async fn invalid_message_keeps_its_cause(cfg: ChannelConfig) {
+    let (mut tx, rx) = cfg.bytes_pipe().unwrap();
+    let mut rx = rx.into_typed::<Nested>();
+    tx.send(&[0xAB; 40]).await.unwrap();
+    let e = rx.recv().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidMessage);
+    let source = std::error::Error::source(&e).expect("the cause is kept");
+    let text = format!("{e} / {source}");
+    assert!(!text.contains("without error information"), "{text}");
+    assert!(!source.to_string().is_empty(), "{text}");
+}
+
+#[derive(Archive, Serialize, Deserialize)]
+struct Carrier {
+    n: u64,
+    tx: Option<ringipc::Sender<u64>>,
+}
+
+/// A channel end inside a message (not a child's start argument) is
+/// refused with `Unsupported`, naming the handle, and nothing is written.
+async fn handle_in_message_is_unsupported(cfg: ChannelConfig) {
+    let (inner, _inner_rx) = cfg.pipe::<u64>().unwrap();
+    let (mut tx, mut rx) = cfg.pipe::<Carrier>().unwrap();
+    let refused = Carrier {
+        n: 1,
+        tx: Some(inner),
+    };
+    let e = tx.send(&refused).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    let text = e.to_string();
+    assert!(text.contains("Sender<u64>"), "{text}");
+    assert!(text.contains("start arguments"), "{text}");
+    assert!(!text.contains("without error information"), "{text}");
+    // Same for a raw-bytes end, and the channel is untouched.
+    let (_bytes_tx, bytes_rx) = cfg.bytes_pipe().unwrap();
+    let (mut btx, _brx) = cfg.pipe::<ringipc::BytesReceiver>().unwrap();
+    let e = btx.send(&bytes_rx).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("BytesReceiver"), "{e}");
+    tx.send(&Carrier { n: 2, tx: None }).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap().n, 2);
+}
+
 async fn garbage_stream_is_protocol_error(cfg: ChannelConfig) {
     use std::io::Write;
     let (r, mut w) = std::io::pipe().unwrap();
@@ -379,6 +424,8 @@ both_backends!(
     frame_limit_on_send_keeps_channel,
     frame_limit_on_recv_closes,
     corrupted_payload_is_invalid_message,
+    invalid_message_keeps_its_cause,
+    handle_in_message_is_unsupported,
     garbage_stream_is_protocol_error,
     unknown_version_is_protocol_error,
     eof_inside_frame_is_truncated,

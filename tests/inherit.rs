@@ -251,10 +251,8 @@ fn fd_in_a_message_is_refused(b: Backend) {
             .pipe::<Option<Fd<File>>>()
             .unwrap();
         let e = tx.send(&Some(Fd(temp_file(b"x")))).await.unwrap_err();
-        assert!(
-            matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::Serialize),
-            "{e}"
-        );
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains("Fd<std::fs::File>"), "{e}");
         assert!(e.to_string().contains("start arguments"), "{e}");
         tx.send(&None).await.unwrap();
         assert!(rx.recv().await.unwrap().is_none());
@@ -281,7 +279,13 @@ fn no_fd_leaks(b: Backend) {
                 .unwrap();
             seen.push(p.join_value().await.unwrap());
         }
-        assert_eq!(open_fds(), before, "the parent leaked fds");
+        // At most as many as after the first child (state of earlier
+        // tests' runtimes may be released meanwhile; a leak would add 40).
+        let after = open_fds();
+        assert!(
+            after <= before,
+            "the parent leaked fds: {before} -> {after}"
+        );
         assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
         assert!(f.as_raw_fd() >= 0);
     });

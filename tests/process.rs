@@ -9,6 +9,7 @@ use ringipc::{
     join_any,
 };
 use rkyv::{Archive, Deserialize, Serialize};
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 fn cfg(b: Backend) -> ChannelConfig {
@@ -1097,5 +1098,64 @@ fn main() {
             server_holds_no_application_fds,
         ),
         ("stdio_piped_null_and_file", stdio_piped_null_and_file),
+        (
+            "oversized_result_is_a_typed_error",
+            oversized_result_is_a_typed_error,
+        ),
+        (
+            "join_keeps_the_outcome_across_transient_errors",
+            join_keeps_the_outcome_across_transient_errors,
+        ),
     ]);
+}
+
+// ---- bounded control pipe, join that keeps the outcome (issue 11) ----
+
+async fn big_vec(n: u64) -> Vec<u8> {
+    vec![7; n as usize]
+}
+
+fn oversized_result_is_a_typed_error(b: Backend) {
+    common::block_on(async {
+        let mut p = Process::builder_async(big_vec)
+            .arg(2 << 20)
+            .max_result_size(1 << 20)
+            .backend(b)
+            .start()
+            .unwrap();
+        let e = p.join_value().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FrameTooLarge, "{e}");
+        assert!(e.to_string().contains("exceeds the limit"), "{e}");
+        let mut p = Process::builder_async(big_vec)
+            .arg(512 << 10)
+            .max_result_size(1 << 20)
+            .backend(b)
+            .start()
+            .unwrap();
+        assert_eq!(p.join_value().await.unwrap().len(), 512 << 10);
+    });
+}
+
+fn join_keeps_the_outcome_across_transient_errors(b: Backend) {
+    let mut p = Process::builder_async(sleep_then_42)
+        .arg(300)
+        .backend(b)
+        .start()
+        .unwrap();
+    {
+        // Outside any runtime: an error (epoll needs a runtime) or pending.
+        let mut join = std::pin::pin!(p.join());
+        let r = join
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        if let std::task::Poll::Ready(r) = r {
+            assert!(r.is_err(), "joined a sleeping child: {r:?}");
+        }
+    }
+    common::block_on(async {
+        let e = p.join_timeout(Duration::from_millis(20)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut);
+        assert!(p.join().await.unwrap().success());
+        assert_eq!(p.result().unwrap().to_native(), 42);
+    });
 }

@@ -19,8 +19,25 @@ pub(crate) struct EpollIo {
     reg: Option<(Id, AsyncFd<OwnedFd>)>,
 }
 
+#[derive(Debug)]
+struct NoRuntime;
+
+impl std::fmt::Display for NoRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ringipc channels must be used inside a tokio runtime")
+    }
+}
+
+impl std::error::Error for NoRuntime {}
+
 pub(crate) fn no_runtime() -> io::Error {
-    io::Error::other("ringipc channels must be used inside a tokio runtime")
+    io::Error::other(NoRuntime)
+}
+
+/// Whether `e` is [`no_runtime`]'s error: nothing was read or written, so
+/// the stream is as it was and the call can be retried inside a runtime.
+pub(crate) fn is_no_runtime(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NoRuntime>())
 }
 
 impl EpollIo {

@@ -252,19 +252,19 @@ pub(super) fn run_spec(
     let code = match &outcome {
         Outcome::Value(_) => 0,
         Outcome::Panic(_) => EXIT_PANIC,
-        Outcome::Failed(_) => EXIT_START_FAILED,
+        Outcome::Failed(_) | Outcome::TooLarge(_) => EXIT_START_FAILED,
     };
-    write_outcome(control, &outcome);
+    write_outcome(control, &outcome, spec.max_result.to_native() as usize);
     Ok(code)
 }
 
 /// Writes the outcome as one frame on the control pipe, blocking: the
 /// runtime is gone by now.
-fn write_outcome(control: OwnedFd, outcome: &Outcome) {
+fn write_outcome(control: OwnedFd, outcome: &Outcome, max: usize) {
     let mut enc = Encoder::new(usize::MAX);
     let pushed = enc.push_with::<()>(
         |buf| {
-            outcome.encode_into(buf);
+            outcome.encode_into(buf, max);
             Ok(())
         },
         |_, _| (),

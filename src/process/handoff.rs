@@ -124,6 +124,20 @@ pub(super) fn take_inherited(index: u32) -> Result<OwnedFd> {
     })
 }
 
+/// Says which handle an error of its hand-over is about.
+pub(super) fn name_handle(e: Error, handle: &str) -> Error {
+    if e.kind() == ErrorKind::Unsupported {
+        return Error::new(
+            e.kind(),
+            format!(
+                "cannot send a {handle} inside a message: channel handles and fds can \
+                 only be passed to a child process as start arguments"
+            ),
+        );
+    }
+    Error::new(e.kind(), format!("handing over a {handle}")).with_source(e)
+}
+
 fn export_send(half: &SendHalf) -> Result<HandoffState> {
     let index = register(half.io.raw_fd())?;
     let settled = half
@@ -271,7 +285,8 @@ macro_rules! handoff_impls {
             S::Error: Source,
         {
             fn serialize(&self, serializer: &mut S) -> Result<HandoffResolver, S::Error> {
-                let state = $export(&self.$half).map_err(S::Error::new)?;
+                let state = $export(&self.$half)
+                    .map_err(|e| S::Error::new(name_handle(e, std::any::type_name::<Self>())))?;
                 let inner = state.serialize(serializer)?;
                 Ok(HandoffResolver { state, inner })
             }

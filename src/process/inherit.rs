@@ -10,7 +10,7 @@
 //! serialization fails with `ErrorKind::Unsupported`: a pipe cannot carry
 //! file descriptors.
 
-use super::handoff::{register, take_inherited};
+use super::handoff::{name_handle, register, take_inherited};
 use crate::error::Error;
 use rkyv::rancor::{Fallible, Source};
 use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
@@ -105,13 +105,17 @@ pub struct FdResolver {
     inner: FdIndexResolver,
 }
 
-fn serialize_fd<S>(fd: BorrowedFd<'_>, serializer: &mut S) -> Result<FdResolver, S::Error>
+fn serialize_fd<S>(
+    fd: BorrowedFd<'_>,
+    what: &str,
+    serializer: &mut S,
+) -> Result<FdResolver, S::Error>
 where
     S: Fallible + rkyv::ser::Writer + ?Sized,
     S::Error: Source,
 {
     let index = FdIndex {
-        index: register(fd.as_raw_fd()).map_err(S::Error::new)?,
+        index: register(fd.as_raw_fd()).map_err(|e| S::Error::new(name_handle(e, what)))?,
     };
     let inner = index.serialize(serializer)?;
     Ok(FdResolver { index, inner })
@@ -166,7 +170,11 @@ where
     S::Error: Source,
 {
     fn serialize(&self, serializer: &mut S) -> Result<FdResolver, S::Error> {
-        serialize_fd(self.0.inherit_fd(), serializer)
+        serialize_fd(
+            self.0.inherit_fd(),
+            std::any::type_name::<Self>(),
+            serializer,
+        )
     }
 }
 
@@ -212,7 +220,7 @@ where
     S::Error: Source,
 {
     fn serialize_with(field: &T, serializer: &mut S) -> Result<FdResolver, S::Error> {
-        serialize_fd(field.inherit_fd(), serializer)
+        serialize_fd(field.inherit_fd(), std::any::type_name::<T>(), serializer)
     }
 }
 

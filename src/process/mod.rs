@@ -27,6 +27,7 @@ use crate::backend::epoll::EpollWait;
 use crate::backend::uring::{UringWait, waitid_supported};
 use crate::channel::{BytesReceiver, ChannelConfig};
 use crate::error::{Error, ErrorKind, Result};
+use crate::framing::{ABSOLUTE_MAX_FRAME, DEFAULT_MAX_FRAME};
 use crate::message::{Decode, Encode, Message, encode_into};
 use crate::sys;
 use rkyv::api::high::HighDeserializer;
@@ -187,7 +188,7 @@ where
     A: Decode,
     A::Archived: rkyv::Deserialize<A, HighDeserializer<rancor::Error>>,
 {
-    let archived = rkyv::access::<A::Archived, rancor::Error>(args)
+    let archived = rkyv::access::<A::Archived, rancor::BoxedError>(args)
         .map_err(|e| format!("invalid arguments: {e}"));
     let decoded = archived.and_then(|a| {
         rkyv::deserialize::<A, rancor::Error>(a)
@@ -303,6 +304,7 @@ pub struct ProcessBuilder<A, R> {
     backend: Backend,
     on_drop: OnDrop,
     start_mode: Option<StartMode>,
+    max_result: usize,
     _r: PhantomData<fn() -> R>,
 }
 
@@ -323,6 +325,7 @@ impl<A, R> ProcessBuilder<A, R> {
             backend: Backend::Auto,
             on_drop: OnDrop::Kill,
             start_mode: None,
+            max_result: DEFAULT_MAX_FRAME,
             _r: PhantomData,
         }
     }
@@ -400,6 +403,15 @@ impl<A, R> ProcessBuilder<A, R> {
     /// What dropping the [`Process`] without joining does.
     pub fn on_drop(mut self, on_drop: OnDrop) -> Self {
         self.on_drop = on_drop;
+        self
+    }
+
+    /// Largest return value, in bytes of its archive, the child may send
+    /// back (default 256 MiB, the default maximum frame size). The parent's
+    /// control pipe never buffers more than this. A larger value is not
+    /// sent: [`Process::result`] fails with [`ErrorKind::FrameTooLarge`].
+    pub fn max_result_size(mut self, bytes: usize) -> Self {
+        self.max_result = bytes.min(ABSOLUTE_MAX_FRAME - spec::TAG_LEN);
         self
     }
 
@@ -521,6 +533,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
             args: args_bytes,
             fds: fds.clone(),
             control_fd: ctl_w_fd,
+            max_result: self.max_result as u64,
             parent_pid,
             die_with_parent: self.die_with_parent,
             name: name.clone(),
@@ -633,7 +646,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         };
         let control = match ChannelConfig::new()
             .backend(backend)
-            .max_frame_size(usize::MAX)
+            .max_frame_size(self.max_result + spec::TAG_LEN)
             .bytes_receiver(ctl_r)
         {
             Ok(c) => c,
@@ -741,13 +754,29 @@ impl<R> Process<R> {
 
     /// Waits for the child to exit and reaps it. Cancellation-safe: dropping
     /// the future loses nothing, and a later `join` picks up where it was.
+    /// An error that says nothing about the child (no runtime, an I/O error
+    /// of this process) is returned and the child's outcome can still be
+    /// joined later.
     pub async fn join(&mut self) -> Result<ExitStatus> {
         if let Some(control) = &mut self.control {
             // The control pipe carries the entry's outcome, the child's last
             // word before it exits, and reaches EOF when the child is gone
             // (nothing else holds its write end). Either ends the wait here.
-            if let Ok(payload) = control.recv().await {
-                self.outcome = Some(Outcome::decode(payload));
+            match control.recv().await {
+                Ok(payload) => self.outcome = Some(Outcome::decode(payload)),
+                // More than `max_result_size`: the receiver has closed the
+                // pipe, so the child's write fails and it exits.
+                Err(e) if e.kind() == ErrorKind::FrameTooLarge => {
+                    self.outcome = Some(Outcome::TooLarge(e.to_string()));
+                }
+                // The child is gone, or what it wrote is not an outcome.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Closed | ErrorKind::Truncated | ErrorKind::Protocol
+                    ) => {}
+                // Transient: keep the pipe, the outcome may still come.
+                Err(e) => return Err(Error::new(e.kind(), self.ctx("join")).with_source(e)),
             }
             self.control = None;
         }
@@ -870,6 +899,10 @@ impl<R> Process<R> {
             (Some(Outcome::Panic(msg)), _) => Error::new(
                 ErrorKind::Panicked,
                 format!("{} panicked: {msg}", self.ctx("child")),
+            ),
+            (Some(Outcome::TooLarge(msg)), _) => Error::new(
+                ErrorKind::FrameTooLarge,
+                format!("{}: {msg}", self.ctx("result")),
             ),
             (Some(Outcome::Failed(msg)), _) => Error::new(
                 ErrorKind::Spawn,

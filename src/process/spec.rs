@@ -21,6 +21,8 @@ pub(crate) struct Spec {
     /// Inherited handle fds, by handle index.
     pub fds: Vec<i32>,
     pub control_fd: i32,
+    /// Largest value archive the child may send on the control pipe.
+    pub max_result: u64,
     pub parent_pid: i32,
     pub die_with_parent: bool,
     pub name: String,
@@ -71,24 +73,39 @@ pub(crate) enum Outcome {
     Panic(String),
     /// The entry could not be run (its arguments did not decode, say).
     Failed(String),
+    /// The entry returned a value larger than the parent accepts.
+    TooLarge(String),
 }
 
 const TAG_VALUE: u8 = 0;
 const TAG_PANIC: u8 = 1;
 const TAG_FAILED: u8 = 2;
+const TAG_TOO_LARGE: u8 = 3;
 /// The tag takes 16 bytes so the value archive stays 16-byte aligned.
-const TAG_LEN: usize = 16;
+pub(crate) const TAG_LEN: usize = 16;
 
 impl Outcome {
-    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+    /// Encodes the outcome in at most `max + TAG_LEN` bytes (the parent's
+    /// limit): a larger value becomes [`Outcome::TooLarge`], a longer
+    /// message is cut.
+    pub fn encode_into(&self, buf: &mut Vec<u8>, max: usize) {
         let (tag, data): (u8, &[u8]) = match self {
+            Outcome::Value(v) if v.len() > max => {
+                let msg = format!(
+                    "the child's return value of {} bytes exceeds the limit of {max} bytes \
+                     (ProcessBuilder::max_result_size)",
+                    v.len()
+                );
+                return Outcome::TooLarge(msg).encode_into(buf, max);
+            }
             Outcome::Value(v) => (TAG_VALUE, v),
             Outcome::Panic(m) => (TAG_PANIC, m.as_bytes()),
             Outcome::Failed(m) => (TAG_FAILED, m.as_bytes()),
+            Outcome::TooLarge(m) => (TAG_TOO_LARGE, m.as_bytes()),
         };
         buf.push(tag);
         buf.extend_from_slice(&[0u8; TAG_LEN - 1]);
-        buf.extend_from_slice(data);
+        buf.extend_from_slice(&data[..data.len().min(max)]);
     }
 
     pub fn decode(payload: &[u8]) -> Outcome {
@@ -104,6 +121,7 @@ impl Outcome {
             }
             TAG_PANIC => Outcome::Panic(String::from_utf8_lossy(data).into_owned()),
             TAG_FAILED => Outcome::Failed(String::from_utf8_lossy(data).into_owned()),
+            TAG_TOO_LARGE => Outcome::TooLarge(String::from_utf8_lossy(data).into_owned()),
             _ => Outcome::Failed("malformed outcome from child".into()),
         }
     }
