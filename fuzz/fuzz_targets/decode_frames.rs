@@ -253,9 +253,16 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Hand-overs per input. Each copies every unsent byte (up to the whole
+/// generated budget), so without a cap one input of a few KiB could copy
+/// over 100 MB and the target ran at a few hundred inputs per second.
+const MAX_HANDOFFS: usize = 16;
+
 struct Writer {
     enc: Encoder,
     max: usize,
+    /// Hand-overs done so far (at most `MAX_HANDOFFS`).
+    handoffs: usize,
     /// What reached the "pipe".
     stream: Vec<u8>,
     /// Messages the encoder accepted, in order.
@@ -298,6 +305,7 @@ impl Writer {
     /// process does. `lent` is a settled kernel write: the buffer it owned
     /// and how many bytes it wrote.
     fn hand_off(&mut self, lent: Option<(&[u8], usize)>) {
+        self.handoffs += 1;
         let unsent = self.enc.unsent(lent);
         if lent.is_none() {
             assert_eq!(unsent.len(), self.enc.queued());
@@ -321,6 +329,7 @@ fn round_trip(body: &[u8], max: usize, schedule: &Schedule) {
     let mut w = Writer {
         enc: Encoder::new(max),
         max,
+        handoffs: 0,
         stream: Vec::new(),
         accepted: Vec::new(),
     };
@@ -352,7 +361,7 @@ fn round_trip(body: &[u8], max: usize, schedule: &Schedule) {
                         w.push(m);
                     }
                 }
-                if op & 0x20 != 0 {
+                if op & 0x20 != 0 && w.handoffs < MAX_HANDOFFS {
                     // Handed over once the write settled, before the buffer
                     // came back.
                     w.hand_off(Some((&buf, n)));
@@ -361,7 +370,8 @@ fn round_trip(body: &[u8], max: usize, schedule: &Schedule) {
                     w.enc.advance(n);
                 }
             }
-            _ => w.hand_off(None),
+            _ if w.handoffs < MAX_HANDOFFS => w.hand_off(None),
+            _ => {}
         }
     }
     while w.enc.has_pending() {
