@@ -923,10 +923,16 @@ impl<T: Decode> Receiver<T> {
     /// ringipc's `Sender<T>` (same `T`, same rkyv version and format features).
     /// An invalid payload is undefined behaviour. Use [`Receiver::recv`]
     /// unless validation shows up in a profile.
+    ///
+    /// What can be checked without validating is: a payload too short for
+    /// the archived root, or whose root would not be aligned for
+    /// `T::Archived` (payloads are 16-byte aligned; an archived type aligned
+    /// above that, or a payload of the wrong length, would misplace it), is
+    /// [`ErrorKind::InvalidMessage`] rather than a misaligned reference.
     pub async unsafe fn recv_unchecked(&mut self) -> Result<Message<'_, T>> {
         let bytes = self.half.frame().await?;
         // SAFETY: forwarded from this function's contract.
-        Ok(unsafe { Message::unchecked(bytes) })
+        unsafe { Message::unchecked(bytes) }
     }
 }
 

@@ -173,14 +173,23 @@ impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
 /// Types that can be received: their archived form can be validated.
 ///
 /// Implemented automatically for `#[derive(rkyv::Archive)]` types (rkyv's
-/// derive implements `CheckBytes` for the archived type).
+/// derive implements `CheckBytes` for the archived type). The archived type
+/// must be `Send + Sync`, as archives of plain data are, so that received
+/// messages ([`OwnedMessage`], pool results) can move between threads.
 pub trait Decode:
-    Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>>
+    Archive<
+    Archived: Portable + Send + Sync + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>,
+>
 {
 }
 
 impl<T> Decode for T where
-    T: Archive<Archived: Portable + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>>
+    T: Archive<
+        Archived: Portable
+                      + Send
+                      + Sync
+                      + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>,
+    >
 {
 }
 
@@ -237,11 +246,30 @@ impl<'a, T: Decode> Message<'a, T> {
 impl<'a, T: Archive> Message<'a, T> {
     /// # Safety
     /// `bytes` must hold a valid archive of `T` (see `Receiver::recv_unchecked`).
-    pub(crate) unsafe fn unchecked(bytes: &'a [u8]) -> Message<'a, T> {
-        // SAFETY: the caller promises `bytes` holds a valid archived `T`, and
-        // the framing layer placed it at a 16-byte-aligned address.
+    /// Checks what costs nothing: that the root (the last
+    /// `size_of::<T::Archived>()` bytes) exists and is aligned.
+    pub(crate) unsafe fn unchecked(bytes: &'a [u8]) -> Result<Message<'a, T>> {
+        let size = std::mem::size_of::<T::Archived>();
+        let align = std::mem::align_of::<T::Archived>();
+        let root = bytes.len().checked_sub(size).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidMessage,
+                format!(
+                    "recv_unchecked: a payload of {} bytes cannot hold an archived root of {size} bytes",
+                    bytes.len()
+                ),
+            )
+        })?;
+        if (bytes.as_ptr() as usize + root) % align != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidMessage,
+                format!("recv_unchecked: the archived root would not be aligned to {align} bytes"),
+            ));
+        }
+        // SAFETY: the caller promises `bytes` holds a valid archived `T`; the
+        // root was just checked to lie inside `bytes` and to be aligned.
         let archived = unsafe { rkyv::access_unchecked::<T::Archived>(bytes) };
-        Message { bytes, archived }
+        Ok(Message { bytes, archived })
     }
 
     /// The archived value, in place.
@@ -291,9 +319,21 @@ impl<T: Archive> fmt::Debug for Message<'_, T> {
 /// assert_eq!(msg.as_str(), "owned");
 /// # Ok::<(), ringipc::Error>(())
 /// ```
+///
+/// It is `Send` and `Sync` exactly when `T::Archived` is, as a value that
+/// owns a `T::Archived` would be (it hands out `&T::Archived` through
+/// `Deref`):
+///
+/// ```compile_fail
+/// // An archive that is neither Send nor Sync cannot cross threads.
+/// fn assert_send<S: Send>() {}
+/// assert_send::<ringipc::OwnedMessage<std::marker::PhantomData<*const u8>>>();
+/// ```
 pub struct OwnedMessage<T: Archive> {
     bytes: Storage,
     _t: PhantomData<fn() -> T>,
+    /// Ties the auto traits to the archived type the bytes hold.
+    _archived: PhantomData<T::Archived>,
 }
 
 /// Where an owned message's bytes live.
@@ -343,6 +383,7 @@ impl<T: Decode> OwnedMessage<T> {
         Ok(OwnedMessage {
             bytes,
             _t: PhantomData,
+            _archived: PhantomData,
         })
     }
 }

@@ -409,6 +409,38 @@ async fn validate_rejects_misaligned(_cfg: ChannelConfig) {
     assert_eq!(e.kind(), ErrorKind::InvalidMessage);
 }
 
+/// `recv_unchecked` skips validation, but a payload too short for the root
+/// or one whose root would be misaligned is an error, never a reference.
+async fn recv_unchecked_checks_the_root(cfg: ChannelConfig) {
+    let (mut tx, rx) = cfg.bytes_pipe().unwrap();
+    let mut rx = rx.into_typed::<u64>();
+    let good = rkyv::to_bytes::<rkyv::rancor::Error>(&41u64).unwrap();
+    tx.feed(&good).await.unwrap();
+    tx.feed(&[1, 2, 3]).await.unwrap(); // shorter than a u64 root
+    tx.feed(&[0u8; 12]).await.unwrap(); // root at offset 4: misaligned
+    tx.feed(&good).await.unwrap();
+    tx.flush().await.unwrap();
+    // SAFETY: the valid payloads are archives of u64 made by rkyv; the
+    // others must be refused before anything is read through them.
+    unsafe {
+        assert_eq!(rx.recv_unchecked().await.unwrap().to_native(), 41);
+        let e = rx.recv_unchecked().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{e}");
+        let e = rx.recv_unchecked().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{e}");
+        assert!(e.to_string().contains("aligned"), "{e}");
+        assert_eq!(rx.recv_unchecked().await.unwrap().to_native(), 41);
+    }
+}
+
+/// Received messages are Send and Sync for ordinary types.
+#[test]
+fn owned_messages_are_send_and_sync() {
+    fn assert_send_sync<S: Send + Sync>() {}
+    assert_send_sync::<ringipc::OwnedMessage<Vec<String>>>();
+    assert_send_sync::<ringipc::OwnedMessage<u64>>();
+}
+
 both_backends!(
     round_trips_many_types,
     round_trips_64_mib,
@@ -431,6 +463,7 @@ both_backends!(
     eof_inside_frame_is_truncated,
     across_threads,
     validate_rejects_misaligned,
+    recv_unchecked_checks_the_root,
 );
 
 /// ringipc handles inside a tokio-uring runtime (a tokio current-thread
