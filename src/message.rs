@@ -260,7 +260,7 @@ impl<'a, T: Archive> Message<'a, T> {
                 ),
             )
         })?;
-        if (bytes.as_ptr() as usize + root) % align != 0 {
+        if !(bytes.as_ptr() as usize + root).is_multiple_of(align) {
             return Err(Error::new(
                 ErrorKind::InvalidMessage,
                 format!("recv_unchecked: the archived root would not be aligned to {align} bytes"),
