@@ -169,7 +169,7 @@ fn main() {
         return;
     }
     let uring_ok = ringipc::uring_probe();
-    let mut cases: Vec<Case> = vec![
+    let cases: Vec<Case> = vec![
         ("seccomp_auto_falls_back_to_epoll", "seccomp-auto", vec![]),
         (
             "seccomp_forced_uring_is_an_error",
@@ -186,36 +186,34 @@ fn main() {
             "sigpipe-epoll",
             vec![],
         ),
-    ];
-    match &uring_ok {
-        Ok(()) => cases.push((
+        (
             "uring::no_sigpipe_on_closed_reader",
             "sigpipe-uring",
             vec![],
-        )),
-        Err(why) => println!(
-            "uring::no_sigpipe_on_closed_reader SKIPPED: the kernel refuses io_uring here: {why}"
         ),
-    }
-    let (mut passed, mut failed) = (0, 0);
-    println!("\nrunning {} tests", cases.len());
-    for (name, role, env) in &cases {
-        match run_child(role, env) {
-            Ok(()) => {
-                println!("test {name} ... ok");
-                passed += 1;
-            }
-            Err(e) => {
-                println!("test {name} ... FAILED\n{e}");
-                failed += 1;
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out\n",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 {
-        std::process::exit(101);
-    }
+    ];
+    // libtest's command line (filters, --list, --exact), one case at a time:
+    // each re-executes this binary in a role.
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let uring_ok = uring_ok.map_err(|why| why.to_string());
+    let trials = cases
+        .into_iter()
+        .map(|(name, role, env)| {
+            let uring_ok = uring_ok.clone();
+            libtest_mimic::Trial::ignorable_test(name, move || {
+                if role == "sigpipe-uring"
+                    && let Err(why) = uring_ok
+                {
+                    let why = format!("the kernel refuses io_uring here: {why}");
+                    eprintln!("SKIPPED: {why}");
+                    return Ok(libtest_mimic::Completion::ignored_with(why));
+                }
+                run_child(role, &env)
+                    .map(|()| libtest_mimic::Completion::Completed)
+                    .map_err(|e| e.to_string().into())
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
 }

@@ -301,61 +301,57 @@ fn main() {
             None,
         ),
     ];
-    let mut failed = Vec::new();
-    let total = roles.len() + 2;
-    println!("\nrunning {total} tests");
+    // libtest's command line (filters, --list, --exact), one case at a time,
+    // in this order: the last ones kill this process's server.
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
     let panic_file =
         std::env::temp_dir().join(format!("ringipc-forkserver-test-{}", std::process::id()));
-    for (name, r, start) in roles {
-        let _ = std::fs::remove_file(&panic_file);
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.env("RINGIPC_TEST_ROLE", r);
-        cmd.env("RINGIPC_TEST_PANIC_FILE", &panic_file);
-        if r == "stale-child" {
-            cmd.env("RINGIPC_CHILD", "0");
-        }
-        match start {
-            Some(v) => cmd.env("RINGIPC_START", v),
-            None => cmd.env_remove("RINGIPC_START"),
-        };
-        let out = cmd.output().unwrap();
-        if out.status.success() {
-            println!("test {name} ... ok");
-        } else {
-            println!(
-                "test {name} ... FAILED ({})\n{}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr),
-                std::fs::read_to_string(&panic_file).unwrap_or_default()
-            );
-            failed.push(name.to_string());
-        }
-    }
-    let _ = std::fs::remove_file(&panic_file);
-    // Last: these kill this process's server.
+    let mut trials: Vec<libtest_mimic::Trial> = roles
+        .into_iter()
+        .map(|(name, r, start)| {
+            let panic_file = panic_file.clone();
+            libtest_mimic::Trial::test(name, move || {
+                let _ = std::fs::remove_file(&panic_file);
+                let mut cmd = Command::new(std::env::current_exe().unwrap());
+                cmd.env("RINGIPC_TEST_ROLE", r);
+                cmd.env("RINGIPC_TEST_PANIC_FILE", &panic_file);
+                if r == "stale-child" {
+                    cmd.env("RINGIPC_CHILD", "0");
+                }
+                match start {
+                    Some(v) => cmd.env("RINGIPC_START", v),
+                    None => cmd.env_remove("RINGIPC_START"),
+                };
+                let out = cmd.output().map_err(|e| e.to_string())?;
+                let panicked = std::fs::read_to_string(&panic_file).unwrap_or_default();
+                let _ = std::fs::remove_file(&panic_file);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{}\n{}{panicked}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                    .into())
+                }
+            })
+        })
+        .collect();
     for backend in [Backend::Uring, Backend::Epoll] {
         let name = format!("{}::killed_server_falls_back", backend.name());
-        if backend == Backend::Uring
-            && let Err(why) = ringipc::uring_probe()
-        {
-            println!("test {name} ... SKIPPED: the kernel refuses io_uring here: {why}");
-            continue;
-        }
-        match std::panic::catch_unwind(|| common::block_on(killed_server_falls_back(backend))) {
-            Ok(()) => println!("test {name} ... ok"),
-            Err(_) => {
-                println!("test {name} ... FAILED");
-                failed.push(name);
+        trials.push(libtest_mimic::Trial::ignorable_test(name, move || {
+            if backend == Backend::Uring
+                && let Err(why) = ringipc::uring_probe()
+            {
+                let why = format!("the kernel refuses io_uring here: {why}");
+                eprintln!("SKIPPED: {why}");
+                return Ok(libtest_mimic::Completion::ignored_with(why));
             }
-        }
+            common::block_on(killed_server_falls_back(backend));
+            Ok(libtest_mimic::Completion::Completed)
+        }));
     }
-    println!(
-        "\ntest result: {}. {} passed; {} failed\n",
-        if failed.is_empty() { "ok" } else { "FAILED" },
-        total - failed.len(),
-        failed.len()
-    );
-    if !failed.is_empty() {
-        std::process::exit(101);
-    }
+    libtest_mimic::run(&args, trials).exit();
 }

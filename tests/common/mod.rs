@@ -41,13 +41,21 @@ macro_rules! both_backends {
 /// A named test body, run once per backend.
 pub type Test = (&'static str, fn(Backend));
 
-/// A tiny libtest look-alike for `harness = false` test binaries, whose
-/// `main` must call `ringipc::init()` first so they can start children.
-/// Each test runs once per start mode (fork server, re-exec) and backend, as
-/// `fork::uring::name`; an argument filters tests by substring.
+/// The runner of `harness = false` test binaries, whose `main` must call
+/// `ringipc::init()` first so they can start children. Each test runs once
+/// per start mode (fork server, re-exec) and backend, as
+/// `fork::uring::name`. It speaks libtest's command line (libtest-mimic):
+/// filters, `--exact`, `--skip`, `--list`, `--ignored`, so
+/// `cargo test -- --list` lists and cargo-nextest runs every case. Cases run
+/// one at a time on the main thread, whatever `--test-threads` says: they
+/// set the process-wide start mode, and some count the process's threads
+/// and fds. A uring case whose kernel refuses io_uring is reported ignored,
+/// with the reason.
 pub fn harness(tests: &[Test]) {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let uring = ringipc::uring_probe();
+    use libtest_mimic::{Arguments, Completion, Failed, Trial};
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let uring = ringipc::uring_probe().map_err(|why| why.to_string());
     // The fork cases must fork: a server missing here (init ran late, or
     // RINGIPC_START=exec) would make them re-exec cases under another name.
     let fork_ok = match ringipc::fork_server_pid() {
@@ -57,61 +65,33 @@ pub fn harness(tests: &[Test]) {
             ringipc::default_start_mode().name()
         )),
     };
-    let mut cases = Vec::new();
+    let mut trials = Vec::new();
     for mode in [StartMode::Fork, StartMode::Exec] {
         for &(name, f) in tests {
             for backend in [Backend::Uring, Backend::Epoll] {
                 let full = format!("{}::{}::{name}", mode.name(), backend.name());
-                if filter.as_deref().is_some_and(|f| !full.contains(f)) {
-                    continue;
-                }
-                cases.push((full, mode, backend, f));
+                let (uring, fork_ok) = (uring.clone(), fork_ok.clone());
+                trials.push(Trial::ignorable_test(full, move || {
+                    if mode == StartMode::Fork
+                        && let Err(why) = fork_ok
+                    {
+                        return Err(Failed::from(why));
+                    }
+                    if backend == Backend::Uring
+                        && let Err(why) = uring
+                    {
+                        let why = format!("the kernel refuses io_uring here: {why}");
+                        eprintln!("SKIPPED: {why}");
+                        return Ok(Completion::ignored_with(why));
+                    }
+                    ringipc::set_default_start_mode(mode);
+                    f(backend);
+                    Ok(Completion::Completed)
+                }));
             }
         }
     }
-    println!("\nrunning {} tests", cases.len());
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-    let mut failures = Vec::new();
-    for (name, mode, backend, f) in cases {
-        if mode == StartMode::Fork
-            && let Err(why) = &fork_ok
-        {
-            println!("test {name} ... FAILED: {why}");
-            failures.push(name);
-            failed += 1;
-            continue;
-        }
-        ringipc::set_default_start_mode(mode);
-        if backend == Backend::Uring
-            && let Err(why) = &uring
-        {
-            println!("test {name} ... SKIPPED: the kernel refuses io_uring here: {why}");
-            skipped += 1;
-            continue;
-        }
-        let start = std::time::Instant::now();
-        match std::panic::catch_unwind(|| f(backend)) {
-            Ok(()) => {
-                println!("test {name} ... ok ({:.2?})", start.elapsed());
-                passed += 1;
-            }
-            Err(_) => {
-                println!("test {name} ... FAILED");
-                failures.push(name);
-                failed += 1;
-            }
-        }
-    }
-    if !failures.is_empty() {
-        println!("\nfailures:\n    {}", failures.join("\n    "));
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {failed} failed; {skipped} ignored; 0 measured; 0 filtered out\n",
-        if failed == 0 { "ok" } else { "FAILED" }
-    );
-    if failed > 0 {
-        std::process::exit(101);
-    }
+    libtest_mimic::run(&args, trials).exit();
 }
 
 /// Runs `fut` on a fresh current-thread runtime.
