@@ -53,7 +53,12 @@ fn write_to(fd: Fd<OwnedFd>) {
 fn serve_std(listener: Fd<TcpListener>) {
     let (mut conn, _) = listener.0.accept().unwrap();
     let mut buf = [0u8; 64];
-    let n = conn.read(&mut buf).unwrap();
+    let n = loop {
+        match conn.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r.unwrap(),
+        }
+    };
     conn.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
 }
 
@@ -68,7 +73,12 @@ async fn serve_tokio(listener: Fd<tokio::net::TcpListener>) {
 
 fn udp_echo(sock: Fd<UdpSocket>) -> Vec<u8> {
     let mut buf = [0u8; 64];
-    let (n, from) = sock.0.recv_from(&mut buf).unwrap();
+    let (n, from) = loop {
+        match sock.0.recv_from(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r.unwrap(),
+        }
+    };
     sock.0.send_to(&buf[..n], from).unwrap();
     buf[..n].to_vec()
 }
@@ -185,7 +195,16 @@ fn udp_socket(b: Backend) {
         me.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         me.send_to(b"datagram", child_addr).unwrap();
         let mut buf = [0u8; 64];
-        let (n, _) = me.recv_from(&mut buf).unwrap();
+        // A blocking call on a thread with io_uring operations in flight
+        // (here the child's exit watch) can return EINTR when a completion's
+        // task work arrives: retry, as any caller of a blocking syscall must.
+        let n = loop {
+            match me.recv_from(&mut buf) {
+                Ok((n, _)) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("recv_from: {e}"),
+            }
+        };
         assert_eq!(&buf[..n], b"datagram");
         assert_eq!(p.join_value().await.unwrap(), b"datagram");
     });
