@@ -234,6 +234,13 @@ impl UringIo {
                 }
             }
         }
+        // A read in flight (from an earlier poll, maybe on another thread):
+        // poll it once first, which registers this task's waker and restarts
+        // an operation that moved; spinning without it would leave the
+        // wake-up with the old task.
+        if let Poll::Ready(r) = self.poll_read(cx, dec) {
+            return Poll::Ready(r);
+        }
         loop {
             if self.slot.is_done() {
                 match self.poll_read(cx, dec) {
