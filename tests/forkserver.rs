@@ -58,13 +58,14 @@ async fn daemon_child(mut tx: ringipc::Sender<u32>) -> Vec<String> {
 /// piped and stderr inherited (closed): every fd lands where it belongs,
 /// none clobbering another, in `mode`.
 async fn daemon_stdio(
+    backend: Backend,
     mode: StartMode,
     (tx, mut rx): (ringipc::Sender<u32>, ringipc::Receiver<u32>),
 ) {
     use std::io::Read;
     let mut p = Process::builder_async(daemon_child)
         .arg(tx)
-        .backend(Backend::Epoll)
+        .backend(backend)
         .start_mode(mode)
         .stdin(ringipc::ChildStdio::Null)
         .stdout(ringipc::ChildStdio::Piped)
@@ -230,7 +231,12 @@ fn role(role: &str) {
             common::block_on(handle_through_server(false));
             return;
         }
-        "daemon-stdio" => {
+        "daemon-stdio-uring" | "daemon-stdio-epoll" => {
+            let backend = if role == "daemon-stdio-uring" {
+                Backend::Uring
+            } else {
+                Backend::Epoll
+            };
             ringipc::init();
             // With stderr closed, a panic message goes to a file the test
             // prints on failure.
@@ -248,13 +254,13 @@ fn role(role: &str) {
             // The channels are made first, so their pipes take 0–2.
             let channel = || {
                 ringipc::ChannelConfig::new()
-                    .backend(Backend::Epoll)
+                    .backend(backend)
                     .pipe::<u32>()
                     .unwrap()
             };
             let (a, b) = (channel(), channel());
-            common::block_on(daemon_stdio(StartMode::Exec, a));
-            common::block_on(daemon_stdio(StartMode::Fork, b));
+            common::block_on(daemon_stdio(backend, StartMode::Exec, a));
+            common::block_on(daemon_stdio(backend, StartMode::Fork, b));
             return;
         }
         "server-ignores-sigint" => {
@@ -282,7 +288,7 @@ fn main() {
         return;
     }
     ringipc::init();
-    let roles: [(&str, &str, Option<&str>); 9] = [
+    let roles: [(&str, &str, Option<&str>); 10] = [
         ("env_selects_exec", "env-exec", Some("exec")),
         ("env_selects_fork", "env-fork", Some("fork")),
         ("init_with_exec_starts_no_server", "init-with-exec", None),
@@ -293,7 +299,16 @@ fn main() {
             None,
         ),
         ("fork_with_stdio_closed", "stdio-closed", None),
-        ("daemon_stdio_in_both_modes", "daemon-stdio", None),
+        (
+            "uring::daemon_stdio_in_both_modes",
+            "daemon-stdio-uring",
+            None,
+        ),
+        (
+            "epoll::daemon_stdio_in_both_modes",
+            "daemon-stdio-epoll",
+            None,
+        ),
         ("stale_ringipc_child_env_is_ignored", "stale-child", None),
         (
             "server_survives_sigint_sigterm_sighup",
