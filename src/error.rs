@@ -14,7 +14,8 @@ pub enum ErrorKind {
     /// boundary), or the channel was already closed by this side.
     Closed,
     /// An operation with a deadline did not finish in time. No data was lost:
-    /// the channel is still usable.
+    /// the channel is still usable. Also a pool job that ran past its
+    /// timeout: its worker was killed and is restarted.
     TimedOut,
     /// A frame is longer than the channel's maximum frame size. On receive the
     /// channel is closed; on send nothing was written and the channel is still usable.
@@ -50,6 +51,9 @@ pub enum ErrorKind {
     /// message rather than as a child's start argument (the error names the
     /// handle type; nothing was written).
     Unsupported,
+    /// An argument is out of range, e.g. a pool worker index that does not
+    /// exist.
+    InvalidArgument,
     /// An operating-system error; [`std::error::Error::source`] holds the `io::Error`.
     Io,
 }
@@ -70,6 +74,7 @@ impl ErrorKind {
             ErrorKind::WorkerDied => "pool worker died",
             ErrorKind::Busy => "busy",
             ErrorKind::Unsupported => "unsupported",
+            ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::Io => "I/O error",
         }
     }
@@ -189,6 +194,7 @@ impl From<Error> for io::Error {
                 io::ErrorKind::InvalidData
             }
             ErrorKind::Unsupported => io::ErrorKind::Unsupported,
+            ErrorKind::InvalidArgument => io::ErrorKind::InvalidInput,
             ErrorKind::Io => {
                 if let Some(k) = e
                     .inner

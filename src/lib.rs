@@ -74,6 +74,7 @@ mod message;
 mod pool;
 mod process;
 mod sys;
+mod wire;
 
 pub use backend::{Backend, process_default as default_backend, uring_probe};
 pub use channel::{
@@ -82,7 +83,7 @@ pub use channel::{
 pub use engine::{Engine, EngineBuilder};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Decode, Encode, Message, OwnedMessage};
-pub use pool::{MapResults, Pool, PoolBuilder, WorkerStats};
+pub use pool::{DeathCause, MapResults, Pool, PoolBuilder, WorkerDeath, WorkerStats};
 pub use process::{
     Affinity, ArchivedFdIndex, ArchivedHandoffState, ChildStdio, EXIT_PANIC, EXIT_START_FAILED,
     ExitStatus, Fd, FdIndex, FdResolver, HandoffResolver, HandoffState, Inherit, InheritFd,

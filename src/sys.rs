@@ -160,6 +160,19 @@ pub fn pidfd_send_signal(pidfd: RawFd, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Whether the process behind `pidfd` has exited (its pidfd is readable),
+/// without waiting and without reaping it. One `poll` with a zero timeout.
+pub fn pidfd_exited(pidfd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLIN | libc::POLLHUP) != 0
+}
+
 /// How a process ended, as reported by `waitid`.
 pub fn decode_siginfo(info: &libc::siginfo_t) -> (bool, i32) {
     // SAFETY: the kernel filled `info` for a CLD_* event, for which si_status is valid.

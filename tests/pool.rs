@@ -3,7 +3,7 @@
 
 mod common;
 
-use ringipc::{Backend, ChannelConfig, Engine, ErrorKind, Pool};
+use ringipc::{Backend, ChannelConfig, DeathCause, Engine, ErrorKind, ExitStatus, Pool};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -182,6 +182,50 @@ fn pattern(n: u64) -> Vec<u8> {
         panic!("unlucky {n}");
     }
     (0..n).map(|i| (i as u8) ^ (n as u8)).collect()
+}
+
+/// Forks a grandchild that keeps the worker's pipes open for 30 s, then
+/// the worker dies: only its pidfd tells the pool.
+fn fork_then_die(_: u64) -> u64 {
+    // SAFETY: fork in a worker; the grandchild only sleeps and _exits.
+    match unsafe { libc::fork() } {
+        0 => {
+            std::thread::sleep(Duration::from_secs(30));
+            // SAFETY: leave without running the worker's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        // SAFETY: die without answering.
+        _ => unsafe { libc::_exit(7) },
+    }
+}
+
+/// For `x > 0`, writes a forged result pair (for a job nobody sent) to
+/// every pipe this worker may write, then answers normally. (Job 0 first,
+/// so the result stream has begun.)
+fn forge_result(x: u64) -> u64 {
+    if x == 0 {
+        return 0;
+    }
+    let mut enc = ringipc::framing::Encoder::resume(1 << 20, true, &[]);
+    enc.push(&[]).unwrap();
+    let mut header = vec![0u8; 32];
+    header[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    enc.push(&header).unwrap();
+    let bytes = enc.pending().to_vec();
+    for fd in 3..256 {
+        // SAFETY: fstat/fcntl/write on fd numbers that may or may not be open.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+                continue;
+            }
+            if libc::fcntl(fd, libc::F_GETFL) & libc::O_ACCMODE != libc::O_WRONLY {
+                continue;
+            }
+            libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        }
+    }
+    x
 }
 
 // ---- pool tests ----
@@ -498,6 +542,237 @@ fn pool_outliving_its_runtime_fails_calls(b: Backend) {
     });
 }
 
+/// A job past its timeout fails with `TimedOut`, its worker is killed and
+/// restarted, the other jobs it held fail with `WorkerDied`, and the pool
+/// serves on. The clock starts when the worker starts the job.
+fn pool_job_timeout_restarts_the_worker(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(1)
+            .max_in_flight(3)
+            .job_timeout(Duration::from_millis(300))
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let pid = pool.stats()[0].pid;
+        let stuck = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.call(60_000).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let behind = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.call(1).await })
+        };
+        let e = tokio::time::timeout(Duration::from_secs(20), stuck)
+            .await
+            .expect("a timed-out job hung")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        let e = behind.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert_eq!(pool.call(5).await.unwrap().to_native(), 5);
+        let s = &pool.stats()[0];
+        assert_eq!((s.timeouts, s.restarts), (1, 1), "{s:?}");
+        assert_ne!(s.pid, pid);
+        let death = s.last_death.as_ref().expect("a death is recorded");
+        assert_eq!(death.pid, pid);
+        assert!(
+            matches!(death.cause, DeathCause::JobTimedOut { .. }),
+            "{death:?}"
+        );
+        assert_eq!(death.status, Some(ExitStatus::Signal(libc::SIGKILL)));
+
+        // Per call: a queued job's clock starts when its worker starts it.
+        let first = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.call_timeout(600, Duration::from_secs(3)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = pool.call_timeout(600, Duration::from_secs(1)).await;
+        assert_eq!(second.unwrap().to_native(), 600, "queue time was counted");
+        assert_eq!(first.await.unwrap().unwrap().to_native(), 600);
+        let e = pool
+            .call_timeout(60_000, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert_eq!(pool.stats()[0].timeouts, 2);
+        pool.shutdown().await.unwrap();
+    });
+}
+
+/// `shutdown_timeout` kills workers still busy at its deadline, fails
+/// their jobs, and says so.
+fn pool_shutdown_deadline_kills_busy_workers(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let pids: Vec<u32> = pool.stats().iter().map(|s| s.pid).collect();
+        let stuck = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.call(60_000).await })
+        };
+        let quick = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.call(10).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let e = tokio::time::timeout(
+            Duration::from_secs(20),
+            pool.shutdown_timeout(Duration::from_millis(300)),
+        )
+        .await
+        .expect("shutdown ignored its deadline")
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("1 jobs"), "{e}");
+        assert_eq!(quick.await.unwrap().unwrap().to_native(), 10);
+        let e = stuck.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+        assert!(e.to_string().contains("shutdown deadline"), "{e}");
+        for pid in pids {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "worker {pid} still running"
+            );
+        }
+    });
+}
+
+/// A worker that dies while a grandchild keeps its pipes open is seen
+/// through its pidfd: its job fails now, not when the grandchild exits.
+fn pool_worker_death_seen_through_pidfd(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(fork_then_die)
+            .workers(1)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), pool.call(0))
+            .await
+            .expect("a dead worker's job hung")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+        let s = &pool.stats()[0];
+        let death = s.last_death.as_ref().expect("a death is recorded");
+        assert_eq!(death.cause, DeathCause::Exited);
+        assert_eq!(death.status, Some(ExitStatus::Code(7)));
+        drop(pool);
+    });
+}
+
+/// A job is never routed to a worker that has exited but whose supervisor
+/// has not run since (the runtime is busy here): the pidfd is checked.
+fn pool_skips_a_dead_worker_not_yet_noticed(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(square)
+            .workers(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(pool.call(2).await.unwrap().to_native(), 4);
+        let pid = pool.stats()[0].pid;
+        // SAFETY: kill(2) of our own worker.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        // Block this (current-thread) runtime until the worker is a zombie,
+        // so its supervisor cannot have noticed.
+        let stat = format!("/proc/{pid}/stat");
+        let t = Instant::now();
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z "))
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::yield_now();
+        }
+        for i in 0..4 {
+            assert_eq!(pool.call(i).await.unwrap().to_native(), i * i, "job {i}");
+        }
+        pool.shutdown().await.unwrap();
+    });
+}
+
+/// `kill_worker` and `restart_worker` act by index through the pidfd; a
+/// restart lets the worker's jobs finish first.
+fn pool_kill_and_restart_worker_by_index(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let before: Vec<u32> = pool.stats().iter().map(|s| s.pid).collect();
+        pool.kill_worker(0).unwrap();
+        let t = Instant::now();
+        while pool.stats()[0].restarts == 0 && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let s = pool.stats()[0].clone();
+        assert_eq!(s.restarts, 1, "{s:?}");
+        assert_ne!(s.pid, before[0]);
+        let death = s.last_death.expect("a death is recorded");
+        assert_eq!((death.pid, death.cause), (before[0], DeathCause::Killed));
+        assert_eq!(death.status, Some(ExitStatus::Signal(libc::SIGKILL)));
+
+        // A worker gets a 300 ms job, then a graceful restart: the job ends
+        // well, and the new worker takes jobs when restart_worker returns.
+        let job = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.call(300).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let busy = pool.stats().iter().position(|s| s.in_flight == 1).unwrap();
+        let (pid, restarts) = (pool.stats()[busy].pid, pool.stats()[busy].restarts);
+        pool.restart_worker(busy).await.unwrap();
+        assert_eq!(job.await.unwrap().unwrap().to_native(), 300);
+        let s = pool.stats()[busy].clone();
+        assert_eq!(s.restarts, restarts + 1, "{s:?}");
+        assert_ne!(s.pid, pid);
+        let death = s.last_death.expect("a death is recorded");
+        assert_eq!(death.cause, DeathCause::Restarted);
+        assert_eq!(death.status, Some(ExitStatus::Code(0)));
+        assert_eq!(pool.call(3).await.unwrap().to_native(), 3);
+
+        let e = pool.kill_worker(2).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        let e = pool.restart_worker(9).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        pool.shutdown().await.unwrap();
+    });
+}
+
+/// A result for a job the worker was not running ends that worker instead
+/// of being ignored (or answering someone else's call).
+fn pool_rejects_a_result_for_another_job(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(forge_result)
+            .workers(1)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(pool.call(0).await.unwrap().to_native(), 0);
+        let e = tokio::time::timeout(Duration::from_secs(10), pool.call(1))
+            .await
+            .expect("hung")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+        assert!(e.to_string().contains("was not running"), "{e}");
+        let death = pool.stats()[0].last_death.clone().expect("a death");
+        assert!(matches!(death.cause, DeathCause::Protocol(_)), "{death:?}");
+        drop(pool);
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -533,6 +808,30 @@ fn main() {
         (
             "pool_outliving_its_runtime_fails_calls",
             pool_outliving_its_runtime_fails_calls,
+        ),
+        (
+            "pool_job_timeout_restarts_the_worker",
+            pool_job_timeout_restarts_the_worker,
+        ),
+        (
+            "pool_shutdown_deadline_kills_busy_workers",
+            pool_shutdown_deadline_kills_busy_workers,
+        ),
+        (
+            "pool_worker_death_seen_through_pidfd",
+            pool_worker_death_seen_through_pidfd,
+        ),
+        (
+            "pool_skips_a_dead_worker_not_yet_noticed",
+            pool_skips_a_dead_worker_not_yet_noticed,
+        ),
+        (
+            "pool_kill_and_restart_worker_by_index",
+            pool_kill_and_restart_worker_by_index,
+        ),
+        (
+            "pool_rejects_a_result_for_another_job",
+            pool_rejects_a_result_for_another_job,
         ),
     ]);
 }

@@ -793,6 +793,19 @@ impl<R> Process<R> {
         }
     }
 
+    /// Waits for the child to exit and reaps it, without reading its
+    /// control pipe: a child whose own children hold that pipe open is
+    /// still seen to exit. Cancellation-safe like `join`.
+    pub(crate) async fn wait_exit(&mut self) -> Result<ExitStatus> {
+        poll_fn(|cx| self.poll_exit(cx)).await
+    }
+
+    /// A duplicate of the child's pidfd, which names this child and no other
+    /// process even after its pid is reused.
+    pub(crate) fn pidfd_dup(&self) -> std::io::Result<OwnedFd> {
+        self.pidfd.try_clone()
+    }
+
     fn poll_exit(&mut self, cx: &mut Context<'_>) -> Poll<Result<ExitStatus>> {
         if let Some(s) = self.status {
             return Poll::Ready(Ok(s));

@@ -1,6 +1,7 @@
 //! What a parent tells its child at start: which function to run, its
 //! arguments, and which inherited fds are which. Sent through a memfd.
 
+use crate::wire::Header;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Serialize};
 
@@ -81,8 +82,9 @@ const TAG_VALUE: u8 = 0;
 const TAG_PANIC: u8 = 1;
 const TAG_FAILED: u8 = 2;
 const TAG_TOO_LARGE: u8 = 3;
-/// The tag takes 16 bytes so the value archive stays 16-byte aligned.
-pub(crate) const TAG_LEN: usize = 16;
+/// The outcome's header (`wire::Header`, tag only); the value archive after
+/// it stays 16-byte aligned.
+pub(crate) const TAG_LEN: usize = Header::LEN;
 
 impl Outcome {
     /// Encodes the outcome in at most `max + TAG_LEN` bytes (the parent's
@@ -103,17 +105,15 @@ impl Outcome {
             Outcome::Failed(m) => (TAG_FAILED, m.as_bytes()),
             Outcome::TooLarge(m) => (TAG_TOO_LARGE, m.as_bytes()),
         };
-        buf.push(tag);
-        buf.extend_from_slice(&[0u8; TAG_LEN - 1]);
+        Header::new(tag).push(buf);
         buf.extend_from_slice(&data[..data.len().min(max)]);
     }
 
     pub fn decode(payload: &[u8]) -> Outcome {
-        if payload.len() < TAG_LEN {
+        let Some((header, data)) = Header::read(payload) else {
             return Outcome::Failed("malformed outcome from child".into());
-        }
-        let data = &payload[TAG_LEN..];
-        match payload[0] {
+        };
+        match header.tag {
             TAG_VALUE => {
                 let mut v = AlignedVec::with_capacity(data.len());
                 v.extend_from_slice(data);

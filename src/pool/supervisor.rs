@@ -1,0 +1,600 @@
+//! The parent side of a pool: shared state, and per worker a writer task
+//! (job frames out) and a supervisor task (results in, deadlines, death and
+//! restart).
+//!
+//! All bookkeeping lives in one `State` under one mutex, held only for short
+//! non-blocking steps. Each worker's jobs sit in its `Slot::jobs` in the
+//! order they were sent; a worker runs jobs one at a time in that order, so
+//! its next result must answer the front job, and a result for any other id
+//! is a protocol error that ends the worker.
+
+use super::worker::{Launcher, TAG_OK, TAG_PANIC, WorkerArgs, WorkerOptions};
+use super::{DeathCause, WorkerDeath, WorkerStats};
+use crate::channel::{BytesReceiver, BytesSender, ChannelConfig, OwnedFrame};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Decode, OwnedMessage};
+use crate::process::{ExitStatus, Process};
+use crate::sys;
+use crate::wire::Header;
+use rkyv::Archive;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+
+/// After a worker is seen to exit, results it wrote before exiting are
+/// still read, until its pipe ends or stays quiet this long.
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
+/// ... and for at most this long in all (a grandchild may hold the pipe).
+const DRAIN_MAX: Duration = Duration::from_secs(1);
+/// How long a worker whose result pipe ended may take to exit before it is
+/// killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+pub(super) type Reply<R> = oneshot::Sender<Result<OwnedMessage<R>>>;
+
+pub(super) struct Job<R: Archive> {
+    pub id: u64,
+    pub timeout: Option<Duration>,
+    pub reply: Reply<R>,
+}
+
+/// One worker as the parent sees it.
+pub(super) struct Slot<R: Archive> {
+    pub stats: WorkerStats,
+    /// Jobs sent to the worker and not yet answered, oldest first.
+    pub jobs: VecDeque<Job<R>>,
+    /// When the front job became the one the worker runs (it had finished
+    /// the jobs before): that job's timeout counts from here.
+    pub front_since: Instant,
+    /// The worker's job queue (read by its writer task); `None` while no
+    /// job may be routed to it: it is ending, restarting or dead.
+    pub queue: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// A duplicate of the current process's pidfd: liveness checks and
+    /// signals that cannot hit another process after pid reuse.
+    pub pidfd: Option<Arc<OwnedFd>>,
+    /// Why the pool is ending this worker, once it decided to.
+    pub ending: Option<DeathCause>,
+    /// `restart_worker` was asked: no new jobs; once its jobs are done the
+    /// worker's job pipe is closed, and the callers are answered when the
+    /// new worker is up.
+    pub restart_waiters: Vec<oneshot::Sender<Result<()>>>,
+    /// Could not be restarted (or its supervisor is gone).
+    pub dead: bool,
+    /// Wakes the supervisor: a timed job reached the front, or a restart
+    /// was asked.
+    pub nudge: Arc<Notify>,
+}
+
+impl<R: Archive> Slot<R> {
+    pub fn new(stats: WorkerStats) -> Slot<R> {
+        Slot {
+            stats,
+            jobs: VecDeque::new(),
+            front_since: Instant::now(),
+            queue: None,
+            pidfd: None,
+            ending: None,
+            restart_waiters: Vec::new(),
+            dead: false,
+            nudge: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Whether a job may be routed here now. A worker that has exited but
+    /// whose supervisor has not noticed yet is caught by its pidfd.
+    pub fn takes_jobs(&mut self, max_in_flight: usize) -> bool {
+        if self.queue.is_none() || !self.restart_waiters.is_empty() {
+            return false;
+        }
+        if self.jobs.len() >= max_in_flight {
+            return false;
+        }
+        if self
+            .pidfd
+            .as_ref()
+            .is_some_and(|fd| sys::pidfd_exited(fd.as_raw_fd()))
+        {
+            self.queue = None;
+            return false;
+        }
+        true
+    }
+
+    /// When the front job's timeout runs out, if it has one.
+    fn deadline(&self) -> Option<Instant> {
+        if self.ending.is_some() {
+            return None;
+        }
+        let t = self.jobs.front()?.timeout?;
+        Some(self.front_since + t)
+    }
+
+    /// Ends the worker: no more jobs, and SIGKILL. The first cause sticks.
+    pub fn end(&mut self, cause: DeathCause) {
+        self.ending.get_or_insert(cause);
+        self.queue = None;
+        if let Some(fd) = &self.pidfd {
+            // ESRCH (already exited) is fine: it is ending either way.
+            let _ = sys::pidfd_send_signal(fd.as_raw_fd(), libc::SIGKILL);
+        }
+    }
+
+    /// Fails every job the worker holds, exactly once.
+    fn fail_jobs(&mut self, why: &str) {
+        for job in self.jobs.drain(..) {
+            let _ = job.reply.send(Err(Error::new(
+                ErrorKind::WorkerDied,
+                format!("job {}: {why}", job.id),
+            )));
+            self.stats.jobs_failed += 1;
+        }
+    }
+
+    /// The worker is gone for good: nothing more is routed to it, and whoever
+    /// waits on a restart learns it.
+    fn retire(&mut self, why: &str) {
+        self.fail_jobs(why);
+        self.queue = None;
+        self.pidfd = None;
+        self.dead = true;
+        for w in self.restart_waiters.drain(..) {
+            let _ = w.send(Err(Error::new(ErrorKind::WorkerDied, why.to_string())));
+        }
+    }
+}
+
+pub(super) struct State<R: Archive> {
+    pub slots: Vec<Slot<R>>,
+    pub next_id: u64,
+    pub closing: bool,
+}
+
+impl<R: Archive> State<R> {
+    pub fn jobs_in_flight(&self) -> usize {
+        self.slots.iter().map(|s| s.jobs.len()).sum()
+    }
+}
+
+pub(super) struct Inner<R: Archive> {
+    pub state: Mutex<State<R>>,
+    pub permits: Semaphore,
+    /// One waiting `call` is woken per freed job slot; all of them when
+    /// workers come back or the pool closes.
+    pub room: Notify,
+    /// Woken on changes `shutdown` waits for (the last job ended, a worker
+    /// ended).
+    pub changed: Notify,
+    pub max_in_flight: usize,
+    pub max_frame: usize,
+    /// The builder's per-job timeout, for calls that do not set their own.
+    pub job_timeout: Option<Duration>,
+}
+
+impl<R: Archive> Inner<R> {
+    pub fn lock(&self) -> MutexGuard<'_, State<R>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+pub(super) struct WorkerSpawner {
+    pub launcher: Launcher,
+    pub handler: i64,
+    pub cfg: ChannelConfig,
+    pub opts: WorkerOptions,
+}
+
+/// A started worker: its process, its job pipe and its result pipe.
+pub(super) struct Started {
+    pub proc: Process<()>,
+    pub jobs: BytesSender,
+    pub results: BytesReceiver,
+    pub pidfd: Arc<OwnedFd>,
+}
+
+impl WorkerSpawner {
+    pub fn spawn(&self) -> Result<Started> {
+        let (job_tx, job_rx) = self.cfg.bytes_pipe()?;
+        // Results may be large (an image, a tensor): their pipe has the
+        // config's arena, so a large result is serialized once into shared
+        // memory instead of being copied through the pipe.
+        let (res_tx, res_rx) = self.cfg.bytes_pipe_with_arena()?;
+        let args = WorkerArgs {
+            jobs: job_rx,
+            results: res_tx,
+            handler: self.handler,
+        };
+        let proc = (self.launcher)(args, &self.opts)?;
+        let pidfd = proc
+            .pidfd_dup()
+            .map_err(|e| Error::io("duplicate a worker's pidfd", e))?;
+        Ok(Started {
+            proc,
+            jobs: job_tx,
+            results: res_rx,
+            pidfd: Arc::new(pidfd),
+        })
+    }
+}
+
+/// Writes a worker's job frames, coalescing whatever queued up into one
+/// write. On a write error it asks the supervisor to end the worker (which
+/// is then restarted), so a worker that cannot take jobs does not linger.
+pub(super) async fn writer(
+    mut tx: BytesSender,
+    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+    failed: Arc<Notify>,
+) {
+    while let Some(frame) = queue.recv().await {
+        let mut r = tx.feed(&frame).await;
+        while r.is_ok() {
+            match queue.try_recv() {
+                Ok(frame) => r = tx.feed(&frame).await,
+                Err(_) => break,
+            }
+        }
+        if r.is_ok() {
+            r = tx.flush().await;
+        }
+        if r.is_err() {
+            failed.notify_one();
+            return;
+        }
+    }
+}
+
+/// Installs a started worker in slot `w`: its queue, pidfd and pid, and a
+/// writer task. The caller holds the lock.
+pub(super) fn install<R: Archive>(
+    slot: &mut Slot<R>,
+    jobs: BytesSender,
+    pidfd: Arc<OwnedFd>,
+    pid: u32,
+) -> Arc<Notify> {
+    let (qtx, qrx) = mpsc::unbounded_channel();
+    let failed = Arc::new(Notify::new());
+    tokio::spawn(writer(jobs, qrx, failed.clone()));
+    slot.queue = Some(qtx);
+    slot.pidfd = Some(pidfd);
+    slot.stats.pid = pid;
+    slot.ending = None;
+    slot.front_since = Instant::now();
+    failed
+}
+
+/// Turns a worker's result pair (the value frame, then the header frame)
+/// into the call's outcome. The value is not copied: it stays in the
+/// buffer (or arena slot) it was received into.
+fn decode_result<R: Decode>(
+    value: OwnedFrame,
+    header: Header,
+    text: &[u8],
+    worker: usize,
+) -> Result<OwnedMessage<R>> {
+    let id = header.id;
+    let text = || String::from_utf8_lossy(text);
+    match header.tag {
+        TAG_OK => OwnedMessage::from_storage(value.into_storage()),
+        TAG_PANIC => Err(Error::new(
+            ErrorKind::Panicked,
+            format!("job {id} panicked in worker {worker}: {}", text()),
+        )),
+        super::worker::TAG_BAD_RESULT => Err(Error::new(
+            ErrorKind::Serialize,
+            format!("job {id} in worker {worker}: {}", text()),
+        )),
+        _ => Err(Error::new(
+            ErrorKind::InvalidMessage,
+            format!("job {id} failed in worker {worker}: {}", text()),
+        )),
+    }
+}
+
+/// Retires worker `w` if its supervisor ends any way other than an orderly
+/// shutdown (its runtime was dropped, say), so no `call` waits forever on a
+/// supervisor that is gone.
+pub(super) struct SupervisorGuard<R: Archive> {
+    pub inner: Arc<Inner<R>>,
+    pub w: usize,
+    pub armed: bool,
+}
+
+impl<R: Archive> Drop for SupervisorGuard<R> {
+    fn drop(&mut self) {
+        if self.armed {
+            let w = self.w;
+            let mut st = self.inner.lock();
+            st.slots[w].retire(&format!(
+                "worker {w}'s supervisor stopped (the runtime that built the pool is gone?)"
+            ));
+            drop(st);
+            self.inner.room.notify_waiters();
+            self.inner.changed.notify_waiters();
+        }
+    }
+}
+
+/// How a worker's service ended.
+enum End {
+    /// Its pidfd said it exited (and it was reaped).
+    Exited(Result<ExitStatus>),
+    /// Its result pipe ended or failed first.
+    Pipe,
+}
+
+/// One worker's life, from the supervisor's side: reads results, enforces
+/// deadlines, and notices death.
+struct Service<'a, R: Archive> {
+    inner: &'a Inner<R>,
+    w: usize,
+    rx: BytesReceiver,
+    /// The value frame of a pair whose header has not arrived; kept across
+    /// `select!` turns, which may drop a receive future but never a frame
+    /// already received.
+    value: Option<OwnedFrame>,
+}
+
+impl<R: Decode> Service<'_, R> {
+    /// Reads results until the worker exits or its pipe ends. Each turn
+    /// waits for, in order: a frame, the exit, the front job's deadline, a
+    /// nudge, or the writer's failure.
+    async fn run(&mut self, proc: &mut Process<()>, writer_failed: &Notify) -> End {
+        let nudge = self.inner.lock().slots[self.w].nudge.clone();
+        let mut exit = pin!(proc.wait_exit());
+        loop {
+            let deadline = self.inner.lock().slots[self.w].deadline();
+            let timer = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                r = self.rx.recv_owned_frame() => match r {
+                    Ok(frame) => self.on_frame(frame),
+                    // The end of the stream, or a worker that died mid-frame:
+                    // its exit follows.
+                    Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::Truncated) => {
+                        return End::Pipe;
+                    }
+                    // Bytes that break the wire format: the worker may live on.
+                    Err(e) => {
+                        let why = format!("a result stream that broke the wire format ({e})");
+                        self.inner.lock().slots[self.w].end(DeathCause::Protocol(why));
+                        return End::Pipe;
+                    }
+                },
+                status = &mut exit => {
+                    self.drain().await;
+                    return End::Exited(status);
+                }
+                () = timer => self.on_deadline(),
+                () = nudge.notified() => self.maybe_restart(),
+                () = writer_failed.notified() => {
+                    // The job pipe broke while the worker lives: end it so
+                    // the restart gives it a working pipe.
+                    self.inner.lock().slots[self.w].end(DeathCause::JobPipeFailed);
+                }
+            }
+        }
+    }
+
+    /// Reads what the worker wrote before it exited.
+    async fn drain(&mut self) {
+        let until = tokio::time::Instant::now() + DRAIN_MAX;
+        loop {
+            let quiet = tokio::time::Instant::now() + DRAIN_QUIET;
+            match tokio::time::timeout_at(quiet.min(until), self.rx.recv_owned_frame()).await {
+                Ok(Ok(frame)) => self.on_frame(frame),
+                _ => return,
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: OwnedFrame) {
+        let Some(value) = self.value.take() else {
+            self.value = Some(frame);
+            return;
+        };
+        let w = self.w;
+        let mut st = self.inner.lock();
+        let slot = &mut st.slots[w];
+        if matches!(slot.ending, Some(DeathCause::Protocol(_))) {
+            // Nothing more from a worker that broke the protocol is believed.
+            return;
+        }
+        let Some((header, text)) = Header::read(frame.bytes()) else {
+            slot.end(DeathCause::Protocol("a short result frame".into()));
+            return;
+        };
+        if slot.jobs.front().is_none_or(|j| j.id != header.id) {
+            let why = format!("a result for job {} it was not running", header.id);
+            slot.end(DeathCause::Protocol(why));
+            return;
+        }
+        let job = slot.jobs.pop_front().expect("checked above");
+        slot.front_since = Instant::now();
+        let result = decode_result::<R>(value, header, text, w);
+        slot.stats.busy += header.elapsed();
+        match &result {
+            Ok(_) => slot.stats.jobs_done += 1,
+            Err(_) => slot.stats.jobs_failed += 1,
+        }
+        let _ = job.reply.send(result);
+        let closing_done = st.closing && st.jobs_in_flight() == 0;
+        drop(st);
+        // One freed slot: one waiting caller can use it.
+        self.inner.room.notify_one();
+        if closing_done {
+            self.inner.changed.notify_waiters();
+        }
+        self.maybe_restart();
+    }
+
+    /// The front job ran out of time: fail it, and end the worker (the only
+    /// way to stop a running handler).
+    fn on_deadline(&mut self) {
+        let w = self.w;
+        let mut st = self.inner.lock();
+        let slot = &mut st.slots[w];
+        if slot.deadline().is_none_or(|at| at > Instant::now()) {
+            return;
+        }
+        let job = slot.jobs.pop_front().expect("a deadline has a front job");
+        let limit = job.timeout.unwrap_or_default();
+        let _ = job.reply.send(Err(Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "job {} ran longer than its timeout of {limit:?} in worker {w} (pid {}); \
+                 the worker is killed and restarted",
+                job.id, slot.stats.pid
+            ),
+        )));
+        slot.stats.jobs_failed += 1;
+        slot.stats.timeouts += 1;
+        slot.end(DeathCause::JobTimedOut { job: job.id });
+    }
+
+    /// A restart was asked and the worker's jobs are done: close its job
+    /// pipe, so it exits cleanly and is replaced.
+    fn maybe_restart(&mut self) {
+        let mut st = self.inner.lock();
+        let slot = &mut st.slots[self.w];
+        if !slot.restart_waiters.is_empty() && slot.jobs.is_empty() && slot.ending.is_none() {
+            slot.ending = Some(DeathCause::Restarted);
+            // The writer sends what it holds, then its pipe closes.
+            slot.queue = None;
+        }
+    }
+}
+
+/// Supervises worker `w` for the pool's life: serves it, and when it dies
+/// fails exactly the jobs it held and starts a new one.
+///
+/// The guard is an argument, not made inside: a task that is dropped before
+/// it first runs (its runtime went away) must still retire its worker.
+pub(super) async fn supervise<R: Decode>(
+    mut guard: SupervisorGuard<R>,
+    mut proc: Process<()>,
+    rx: BytesReceiver,
+    spawner: WorkerSpawner,
+    mut writer_failed: Arc<Notify>,
+) {
+    let inner = guard.inner.clone();
+    let w = guard.w;
+    let mut service = Service {
+        inner: &inner,
+        w,
+        rx,
+        value: None,
+    };
+    let mut started = Instant::now();
+    let mut quick_deaths = 0u32;
+    loop {
+        let end = service.run(&mut proc, &writer_failed).await;
+        let status = match end {
+            End::Exited(s) => s,
+            End::Pipe => match tokio::time::timeout(EXIT_GRACE, proc.wait_exit()).await {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = proc.kill();
+                    proc.wait_exit().await
+                }
+            },
+        };
+        let pid = proc.pid();
+        let closing = {
+            let mut st = inner.lock();
+            let slot = &mut st.slots[w];
+            let cause = slot.ending.take().unwrap_or(DeathCause::Exited);
+            let death = WorkerDeath {
+                pid,
+                cause,
+                status: status.as_ref().ok().copied(),
+            };
+            let why = match &status {
+                Ok(_) => format!("worker {w} {death} while holding it"),
+                Err(e) => format!("worker {w} {death} while holding it ({e})"),
+            };
+            slot.fail_jobs(&why);
+            slot.queue = None;
+            slot.pidfd = None;
+            slot.stats.last_death = Some(death);
+            st.closing
+        };
+        service.value = None;
+        inner.room.notify_waiters();
+        inner.changed.notify_waiters();
+        if closing {
+            guard.armed = false;
+            return;
+        }
+        let asked = matches!(
+            inner.lock().slots[w]
+                .stats
+                .last_death
+                .as_ref()
+                .map(|d| &d.cause),
+            Some(DeathCause::Restarted | DeathCause::Killed | DeathCause::JobTimedOut { .. })
+        );
+        if !asked {
+            tracing::warn!(worker = w, pid, "pool worker died; restarting");
+            // A worker that dies right after starting would otherwise be
+            // restarted in a tight loop: back off (unless the pool is closing).
+            if started.elapsed() < Duration::from_secs(1) {
+                quick_deaths += 1;
+                tokio::time::sleep(Duration::from_millis(25 << quick_deaths.min(6))).await;
+                if inner.lock().closing {
+                    guard.armed = false;
+                    return;
+                }
+            } else {
+                quick_deaths = 0;
+            }
+        }
+        let mut attempt = 0;
+        let new = loop {
+            match spawner.spawn() {
+                Ok(new) => break new,
+                Err(e) if attempt < 5 && !inner.lock().closing => {
+                    tracing::warn!(worker = w, error = %e, "restarting pool worker failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(worker = w, error = %e, "pool worker could not be restarted");
+                    inner.lock().slots[w]
+                        .retire(&format!("worker {w} could not be restarted: {e}"));
+                    inner.room.notify_waiters();
+                    inner.changed.notify_waiters();
+                    guard.armed = false;
+                    return;
+                }
+            }
+        };
+        {
+            let mut st = inner.lock();
+            if st.closing {
+                // Shut down while restarting: the new worker is killed as it
+                // drops, and callers waiting for room learn the pool closed.
+                drop(st);
+                inner.room.notify_waiters();
+                guard.armed = false;
+                return;
+            }
+            let slot = &mut st.slots[w];
+            writer_failed = install(slot, new.jobs, new.pidfd, new.proc.pid());
+            slot.stats.restarts += 1;
+            for waiter in slot.restart_waiters.drain(..) {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+        inner.room.notify_waiters();
+        proc = new.proc;
+        service.rx = new.results;
+        started = Instant::now();
+    }
+}

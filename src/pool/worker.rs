@@ -1,0 +1,191 @@
+//! The worker side of a pool: the loop a worker child runs, and how the
+//! parent starts one.
+//!
+//! Frames (`docs/wire-format.md`, "Pool frames"): a job is a `wire::Header`
+//! (the job's id) followed by the job's archive; a result is two frames, the
+//! value's archive (empty when there is none) and then a `wire::Header` (id,
+//! busy time, tag) followed by an error text if the job failed.
+
+use crate::backend::Backend;
+use crate::channel::{BytesReceiver, BytesSender};
+use crate::error::{ErrorKind, Result};
+use crate::message::{Decode, Encode, Message};
+use crate::process::spec::Spec;
+use crate::process::{Affinity, Process, panic_message};
+use crate::wire::Header;
+use rkyv::api::high::HighDeserializer;
+use rkyv::rancor;
+use rkyv::{Archive, Deserialize, Serialize};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// What a worker process is started with.
+#[derive(Archive, Serialize, Deserialize)]
+pub struct WorkerArgs {
+    /// Job frames: a header with the job's id, then the job's archive.
+    pub(super) jobs: BytesReceiver,
+    /// Two frames per job: the result's archive (through the channel's
+    /// arena when large; empty when there is no value), then a header frame
+    /// (id, busy time, tag), followed by an error text if any.
+    pub(super) results: BytesSender,
+    /// The handler's code address, as an offset (see `Spec::offset`).
+    pub(super) handler: i64,
+}
+
+pub(super) const TAG_OK: u8 = 0;
+pub(super) const TAG_PANIC: u8 = 1;
+pub(super) const TAG_BAD_JOB: u8 = 2;
+pub(super) const TAG_BAD_RESULT: u8 = 3;
+/// Error texts longer than this are cut, so a header frame always fits.
+const MAX_ERROR_TEXT: usize = 64 * 1024;
+
+/// Polls a future inside `catch_unwind`, so a panicking async handler fails
+/// its job instead of the worker.
+struct CatchUnwind<F>(F);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning of the only field; it is never moved.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(p) => Poll::Ready(Err(p)),
+        }
+    }
+}
+
+/// The worker loop, shared by sync and async handlers: `run` turns a job
+/// into the handler's outcome. Jobs run one at a time, in the order they
+/// arrive, so results go back in that order (the parent checks it).
+async fn worker_loop<J, R, Fut>(args: WorkerArgs, run: impl Fn(J) -> Fut)
+where
+    J: Decode,
+    J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
+    R: Encode,
+    Fut: Future<Output = std::thread::Result<R>>,
+{
+    let WorkerArgs {
+        mut jobs,
+        mut results,
+        ..
+    } = args;
+    let mut buf = Vec::new();
+    loop {
+        let (id, job) = match jobs.recv().await {
+            Ok(frame) => match Header::read(frame) {
+                Some((h, archive)) => {
+                    let job = Message::<J>::validate(archive)
+                        .and_then(|m| m.deserialize())
+                        .map_err(|e| e.to_string());
+                    (h.id, job)
+                }
+                // Not from a ringipc pool.
+                None => break,
+            },
+            // The pool closed the job pipe (or it broke).
+            Err(_) => break,
+        };
+        let start = Instant::now();
+        let mut text = String::new();
+        let mut busy = Duration::ZERO;
+        let tag = match job {
+            Ok(job) => match run(job).await.inspect(|_| busy = start.elapsed()) {
+                // The value goes first, serialized once (into the arena when
+                // it is large); its header follows.
+                Ok(value) => match results.feed_message(&value).await {
+                    Ok(()) => TAG_OK,
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::FrameTooLarge | ErrorKind::Serialize) =>
+                    {
+                        text = format!("cannot send the result: {e}");
+                        TAG_BAD_RESULT
+                    }
+                    Err(_) => break,
+                },
+                Err(p) => {
+                    busy = start.elapsed();
+                    text = panic_message(p);
+                    TAG_PANIC
+                }
+            },
+            Err(e) => {
+                text = format!("cannot decode the job: {e}");
+                TAG_BAD_JOB
+            }
+        };
+        // No value was queued for a failed job: an empty frame keeps the
+        // stream in pairs.
+        if tag != TAG_OK && results.feed(&[]).await.is_err() {
+            break;
+        }
+        buf.clear();
+        Header::new(tag).id(id).duration(busy).push(&mut buf);
+        let mut cut = text.len().min(MAX_ERROR_TEXT);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        buf.extend_from_slice(&text.as_bytes()[..cut]);
+        if results.send(&buf).await.is_err() {
+            break;
+        }
+    }
+}
+
+pub(super) async fn worker_sync<J, R>(args: WorkerArgs)
+where
+    J: Decode,
+    J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
+    R: Encode,
+{
+    // SAFETY: `handler` is the offset of a `fn(J) -> R` in this same binary,
+    // recorded by `Pool::builder` for exactly these J and R.
+    let f = unsafe { std::mem::transmute::<usize, fn(J) -> R>(Spec::resolve(args.handler)) };
+    worker_loop(args, |job| {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(job)));
+        std::future::ready(r)
+    })
+    .await;
+}
+
+pub(super) async fn worker_async<J, R, F>(args: WorkerArgs)
+where
+    J: Decode,
+    J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
+    R: Encode,
+    F: Future<Output = R>,
+{
+    // SAFETY: as in `worker_sync`, for a `fn(J) -> F`.
+    let f = unsafe { std::mem::transmute::<usize, fn(J) -> F>(Spec::resolve(args.handler)) };
+    worker_loop(args, |job| CatchUnwind(f(job))).await;
+}
+
+/// Starts one worker child; made for the pool's J and R by its builder.
+pub(super) type Launcher = fn(WorkerArgs, &WorkerOptions) -> Result<Process<()>>;
+
+#[derive(Clone)]
+pub(super) struct WorkerOptions {
+    pub name: String,
+    pub affinity: Affinity,
+    pub backend: Backend,
+}
+
+pub(super) fn launch<Fut>(
+    entry: fn(WorkerArgs) -> Fut,
+    args: WorkerArgs,
+    o: &WorkerOptions,
+) -> Result<Process<()>>
+where
+    Fut: Future<Output = ()>,
+{
+    Process::builder_async(entry)
+        .arg(args)
+        .name(o.name.clone())
+        .pin(o.affinity.clone())
+        .backend(o.backend)
+        .start()
+}
