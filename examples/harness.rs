@@ -31,8 +31,11 @@
 //! Scenarios 1 and 2 run every contender's two sides on two OS threads (the
 //! shape of a parent and a child, without process start-up); the measuring
 //! functions are in `examples/common/measure.rs`, shared with the
-//! `throughput` example. This file holds scenarios 3 and 4, the report, the
-//! targets and the plot.
+//! `throughput` example. Every other scenario has its own module under
+//! `examples/common/` (`child_start.rs` for 3, `pool_jobs.rs` for 4, ...),
+//! and the plot is drawn by `plot.rs`. This file is the driver: the
+//! command line, the order the scenarios run in, the report written to
+//! JSON, the tables and the targets.
 
 #[path = "common/arena_bench.rs"]
 mod arena_bench;
@@ -40,6 +43,8 @@ mod arena_bench;
 mod busy;
 #[path = "common/bytes_mode.rs"]
 mod bytes_mode;
+#[path = "common/child_start.rs"]
+mod child_start;
 #[path = "common/fanout.rs"]
 mod fanout;
 #[path = "common/measure.rs"]
@@ -48,19 +53,22 @@ mod fanout;
     reason = "shared with the throughput example, which uses the rest"
 )]
 mod measure;
+#[path = "common/plot.rs"]
+mod plot;
 #[path = "common/pool_big.rs"]
 mod pool_big;
+#[path = "common/pool_jobs.rs"]
+mod pool_jobs;
 
 #[path = "common/forkbench.rs"]
 mod forkbench;
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use measure::{Contender, CpuSnapshot, Latency, Settings, Side, Throughput};
-use ringipc::{Affinity, Backend, Pool, Process};
+use measure::{Contender, CpuSnapshot, Latency, Settings, Throughput};
+use ringipc::Backend;
 use serde::Serialize;
-use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Ping-pong message sizes.
@@ -179,11 +187,11 @@ struct Report {
     busy_poll: Vec<busy::BusyRow>,
     /// Scenario 2c: one engine core serving many children at once.
     many_channels: Vec<fanout::FanoutRow>,
-    child_start: Vec<StartRow>,
+    child_start: Vec<child_start::StartRow>,
     /// This process's resident memory when scenario 3 began: a fork copies
     /// the page tables of all of it.
     child_start_parent_rss_kib: Option<u64>,
-    pool: PoolReport,
+    pool: pool_jobs::PoolReport,
     /// Scenario 4, last table: jobs returning 1 MiB, arena on and off.
     pool_big: Vec<pool_big::PoolBigRow>,
     /// Scenario 5: fork server against re-exec.
@@ -257,63 +265,6 @@ struct PingRow {
     p50_vs_raw: Option<f64>,
 }
 
-#[derive(Serialize, Clone)]
-struct StartRow {
-    contender: &'static str,
-    runs: usize,
-    median_us: f64,
-    p99_us: f64,
-    /// Median against /bin/true's.
-    vs_bin_true: Option<f64>,
-}
-
-#[derive(Serialize, Default)]
-struct PoolReport {
-    /// Spin iterations of the CPU-bound job, calibrated at start.
-    spins_per_job: u64,
-    /// What one CPU-bound job took here, called directly (median).
-    job_ms: f64,
-    /// A direct call of the tiny job, in nanoseconds.
-    direct_call_ns: f64,
-    /// Whether `Pool` pinned its workers (worker i on core i).
-    workers_pinned: bool,
-    rows: Vec<PoolRow>,
-    calls: Vec<PoolCallRow>,
-    /// jobs/s of the CPU-bound job, one worker per core / one worker.
-    scaling: Vec<Scaling>,
-}
-
-#[derive(Serialize, Clone)]
-struct PoolRow {
-    contender: &'static str,
-    job: &'static str,
-    workers: usize,
-    jobs: u64,
-    seconds: f64,
-    jobs_per_sec: f64,
-    /// jobs/s against the same job with one worker.
-    vs_one_worker: Option<f64>,
-}
-
-#[derive(Serialize, Clone)]
-struct PoolCallRow {
-    contender: &'static str,
-    calls: usize,
-    p50_us: f64,
-    p99_us: f64,
-    /// p50 of `pool.call` minus a direct call.
-    overhead_us: f64,
-    /// 1 / jobs/s of the tiny job through `map` with one worker.
-    map_us_per_job: Option<f64>,
-}
-
-#[derive(Serialize, Clone)]
-struct Scaling {
-    contender: &'static str,
-    workers: usize,
-    ratio: f64,
-}
-
 #[derive(Serialize)]
 struct Failure {
     scenario: &'static str,
@@ -360,11 +311,11 @@ impl Report {
             .find(|r| r.contender == name && r.size == size)
     }
 
-    fn start(&self, name: &str) -> Option<&StartRow> {
+    fn start(&self, name: &str) -> Option<&child_start::StartRow> {
         self.child_start.iter().find(|r| r.contender == name)
     }
 
-    fn pool_row(&self, name: &str, job: &str, workers: usize) -> Option<&PoolRow> {
+    fn pool_row(&self, name: &str, job: &str, workers: usize) -> Option<&pool_jobs::PoolRow> {
         self.pool
             .rows
             .iter()
@@ -495,338 +446,10 @@ fn default_pipe_size() -> Option<usize> {
     (n > 0).then_some(n as usize)
 }
 
-// ---------------------------------------------------------------------------
-// Scenario 3: child start-to-join
-
-/// The child's entry: nothing.
-fn empty(_: ()) {}
-
-/// Who starts the child.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Starter {
-    /// `Process::builder(empty).arg(()).backend(b).start()`, then `join().await`.
-    Ringipc(Backend),
-    /// `Command::new("/proc/self/exe")` whose `main` returns right after
-    /// `ringipc::init()`: exec'ing this binary, with no ringipc work in it.
-    SelfExec,
-    /// The same with an empty `pre_exec` hook, which makes std fork the
-    /// parent instead of using its vfork-style spawn (what ringipc avoids by
-    /// calling `posix_spawn` itself).
-    SelfExecFork,
-    /// `Command::new("/bin/true").status()`.
-    BinTrue,
-}
-
-const BIN_TRUE: &str = "/bin/true";
-/// Set in a [`Starter::SelfExec`] child.
-const EXIT_AT_ONCE: &str = "RINGIPC_HARNESS_EXIT_AT_ONCE";
-
-impl Starter {
-    fn name(self) -> &'static str {
-        match self {
-            Starter::Ringipc(b) => contender_name(b),
-            Starter::SelfExec => "exec self",
-            Starter::SelfExecFork => "exec self, fork",
-            Starter::BinTrue => BIN_TRUE,
-        }
-    }
-
-    /// Start-to-join times of this starter.
-    fn measure(self, budget: Duration, min_runs: usize) -> measure::Result<Vec<Duration>> {
-        match self {
-            Starter::Ringipc(b) => ringipc_start_to_join(b, budget, min_runs),
-            Starter::SelfExec => self_exec_start_to_join(budget, min_runs, false),
-            Starter::SelfExecFork => self_exec_start_to_join(budget, min_runs, true),
-            Starter::BinTrue => bin_true_start_to_join(budget, min_runs),
-        }
-    }
-}
-
-/// Most starts per contender and slice (bounds a very fast machine).
-const MAX_STARTS: usize = 2_000;
-/// Unmeasured starts at the head of each slice.
-const WARMUP_STARTS: usize = 2;
-
-/// Times `start_one` (start a child and wait for it) as often as `budget`
-/// allows, at least `min_runs` times, after a short warm-up.
-fn time_starts(
-    budget: Duration,
-    min_runs: usize,
-    mut start_one: impl FnMut() -> measure::Result<()>,
-) -> measure::Result<Vec<Duration>> {
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    for i in 0.. {
-        if i >= WARMUP_STARTS + min_runs
-            && (start.elapsed() >= budget || samples.len() >= MAX_STARTS)
-        {
-            break;
-        }
-        let t0 = Instant::now();
-        start_one()?;
-        let took = t0.elapsed();
-        if i >= WARMUP_STARTS {
-            samples.push(took);
-        }
-    }
-    Ok(samples)
-}
-
-/// ringipc: start a child running [`empty`] on `backend` and join it. The
-/// parent runs on the parent core; the child is pinned to the child core
-/// when pinning is on.
-fn ringipc_start_to_join(
-    backend: Backend,
-    budget: Duration,
-    min_runs: usize,
-) -> measure::Result<Vec<Duration>> {
-    let child_core = measure::pinning().map(|c| c[Side::Child as usize]);
-    let parent = measure::spawn_side(Side::Parent, move || {
-        let rt = current_thread_runtime()?;
-        time_starts(budget, min_runs, || {
-            rt.block_on(async {
-                let mut builder = Process::builder(empty).arg(()).backend(backend);
-                if let Some(core) = child_core {
-                    builder = builder.pin(Affinity::Core(core));
-                }
-                let status = builder.start()?.join().await?;
-                if !status.success() {
-                    return Err(format!("child exited with {status}").into());
-                }
-                Ok(())
-            })
-        })
-    });
-    measure::join(parent)
-}
-
-/// Runs `cmd` to completion, as often as [`time_starts`] says, from the
-/// parent core. The child inherits the parent's core: pinning it elsewhere
-/// would need `pre_exec`, which makes std fall back from its faster spawn
-/// path.
-fn std_start_to_join(
-    mut cmd: std::process::Command,
-    budget: Duration,
-    min_runs: usize,
-) -> measure::Result<Vec<Duration>> {
-    let parent = measure::spawn_side(Side::Parent, move || {
-        time_starts(budget, min_runs, || {
-            let status = cmd.status()?;
-            if !status.success() {
-                return Err(format!("{cmd:?} exited with {status}").into());
-            }
-            Ok(())
-        })
-    });
-    measure::join(parent)
-}
-
-/// `Command::new("/bin/true").status()`: the reference.
-fn bin_true_start_to_join(budget: Duration, min_runs: usize) -> measure::Result<Vec<Duration>> {
-    std_start_to_join(std::process::Command::new(BIN_TRUE), budget, min_runs)
-}
-
-/// `Command::new("/proc/self/exe")` that exits at once: what exec'ing this
-/// binary costs before ringipc does anything, the floor under ringipc's
-/// row. With `fork_path`, an empty `pre_exec` hook makes std `fork` the
-/// parent (its page tables included), as any `pre_exec` hook does.
-fn self_exec_start_to_join(
-    budget: Duration,
-    min_runs: usize,
-    fork_path: bool,
-) -> measure::Result<Vec<Duration>> {
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.env(EXIT_AT_ONCE, "1");
-    if fork_path {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the hook runs between fork and exec and does nothing.
-        unsafe { cmd.pre_exec(|| Ok(())) };
-    }
-    std_start_to_join(cmd, budget, min_runs)
-}
-
 fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-}
-
-// ---------------------------------------------------------------------------
-// Scenario 4: pool job throughput
-
-/// A pool job: `spins` rounds of an LCG from `seed`. `spins: 0` is the
-/// tiny job (no work: what is left is the pool's per-call cost).
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Copy, Debug)]
-struct Job {
-    spins: u64,
-    seed: u64,
-}
-
-/// The worker's handler.
-fn work(job: Job) -> u64 {
-    let mut h = job.seed;
-    for _ in 0..job.spins {
-        h = h
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-    }
-    h
-}
-
-fn time_direct(job: Job) -> Duration {
-    let t0 = Instant::now();
-    black_box(work(black_box(job)));
-    t0.elapsed()
-}
-
-/// Spins that take `target` here, and what a job of that many took (the
-/// median of a few direct calls).
-fn calibrate_spins(target: Duration) -> (u64, Duration) {
-    let mut spins = 1_000u64;
-    while time_direct(Job { spins, seed: 1 }) < Duration::from_millis(20) && spins < 1 << 40 {
-        spins *= 2;
-    }
-    let best = (0..3)
-        .map(|_| time_direct(Job { spins, seed: 1 }))
-        .min()
-        .expect("three runs");
-    let spins = ((spins as f64) * target.as_secs_f64() / best.as_secs_f64()).max(1.0) as u64;
-    let mut check: Vec<Duration> = (0..11)
-        .map(|i| time_direct(Job { spins, seed: i }))
-        .collect();
-    check.sort_unstable();
-    (spins, check[check.len() / 2])
-}
-
-/// A direct call of the tiny job, in nanoseconds.
-fn direct_call_ns() -> f64 {
-    const CALLS: u64 = 10_000_000;
-    let t0 = Instant::now();
-    for seed in 0..CALLS {
-        black_box(work(black_box(Job { spins: 0, seed })));
-    }
-    t0.elapsed().as_secs_f64() * 1e9 / CALLS as f64
-}
-
-/// Jobs done and the time they took.
-#[derive(Clone, Copy, Debug, Default)]
-struct PoolRun {
-    jobs: u64,
-    elapsed: Duration,
-}
-
-impl PoolRun {
-    fn jobs_per_sec(&self) -> f64 {
-        self.jobs as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-
-    fn add(&mut self, other: PoolRun) {
-        self.jobs += other.jobs;
-        self.elapsed += other.elapsed;
-    }
-}
-
-async fn build_pool(
-    backend: Backend,
-    workers: usize,
-    pin: bool,
-) -> ringipc::Result<Pool<Job, u64>> {
-    Pool::builder(work)
-        .workers(workers)
-        .backend(backend)
-        .pin(pin)
-        .name("harness-worker")
-        .build()
-        .await
-}
-
-/// `n` jobs of `spins` through `pool.map`, every result drained with
-/// `next().await`.
-async fn map_jobs(pool: &Pool<Job, u64>, spins: u64, n: u64) -> measure::Result<PoolRun> {
-    let start = Instant::now();
-    let mut results = pool.map((0..n).map(move |seed| Job { spins, seed }));
-    let mut jobs = 0;
-    while let Some(r) = results.next().await {
-        black_box(r?.to_native());
-        jobs += 1;
-    }
-    Ok(PoolRun {
-        jobs,
-        elapsed: start.elapsed(),
-    })
-}
-
-/// Pool throughput for jobs of `spins`: pilot maps (also the warm-up) grow
-/// until one lasts an eighth of `budget`, then one map sized to `budget`.
-async fn pool_jobs_per_sec(
-    pool: &Pool<Job, u64>,
-    spins: u64,
-    budget: Duration,
-) -> measure::Result<PoolRun> {
-    let mut n = pool.workers() as u64 * 8;
-    loop {
-        let pilot = map_jobs(pool, spins, n).await?;
-        if pilot.elapsed >= budget / 8 || n >= 1 << 24 {
-            let want = (pilot.jobs_per_sec() * budget.as_secs_f64()) as u64;
-            return map_jobs(pool, spins, want.max(n)).await;
-        }
-        n *= 4;
-    }
-}
-
-/// `pool.call` round trips of the tiny job, one at a time, for `budget`.
-async fn pool_call_latency(
-    pool: &Pool<Job, u64>,
-    budget: Duration,
-) -> measure::Result<Vec<Duration>> {
-    for seed in 0..100 {
-        pool.call(Job { spins: 0, seed }).await?;
-    }
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    while start.elapsed() < budget || samples.len() < 100 {
-        let t0 = Instant::now();
-        black_box(
-            pool.call(Job {
-                spins: 0,
-                seed: samples.len() as u64,
-            })
-            .await?
-            .to_native(),
-        );
-        samples.push(t0.elapsed());
-    }
-    Ok(samples)
-}
-
-/// What one slice of scenario 4 measures for one backend and worker count.
-#[derive(Default)]
-struct PoolSlice {
-    tiny: PoolRun,
-    spin: PoolRun,
-    calls: Vec<Duration>,
-}
-
-/// One slice for `backend` with `workers`: a fresh pool, the tiny job's
-/// rate, the CPU-bound job's rate, and (one worker only) `call` latency.
-async fn pool_slice(
-    backend: Backend,
-    workers: usize,
-    spins: u64,
-    pin: bool,
-    budget: Duration,
-) -> measure::Result<PoolSlice> {
-    let pool = build_pool(backend, workers, pin).await?;
-    let mut slice = PoolSlice {
-        tiny: pool_jobs_per_sec(&pool, 0, budget).await?,
-        spin: pool_jobs_per_sec(&pool, spins, budget).await?,
-        calls: Vec::new(),
-    };
-    if workers == 1 {
-        slice.calls = pool_call_latency(&pool, budget).await?;
-    }
-    pool.shutdown().await?;
-    Ok(slice)
 }
 
 // ---------------------------------------------------------------------------
@@ -852,7 +475,8 @@ impl Plan {
     }
 
     /// Scenario 3's contenders, the reference last.
-    fn starters(&self) -> Vec<Starter> {
+    fn starters(&self) -> Vec<child_start::Starter> {
+        use child_start::Starter;
         let mut v: Vec<Starter> = self.backends.iter().map(|&b| Starter::Ringipc(b)).collect();
         v.extend([Starter::SelfExecFork, Starter::SelfExec, Starter::BinTrue]);
         v
@@ -1074,59 +698,6 @@ fn ping_row(name: &'static str, l: &Latency, raw: Option<&Latency>) -> PingRow {
     }
 }
 
-/// Scenario 3: the contenders take turns in `reps` slices, so that load
-/// drifting over time hits all of them alike; samples are pooled.
-fn run_child_start(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
-    bar.set_message("3. child start-to-join");
-    report.child_start_parent_rss_kib = rss_kib();
-    let starters = plan.starters();
-    let slice = plan.cell / plan.reps() as u32;
-    let min_runs = if plan.quick { 10usize } else { 30 }.div_ceil(plan.reps());
-    let mut samples: Vec<Result<Vec<Duration>, String>> = vec![Ok(Vec::new()); starters.len()];
-    with_load(report, "child start".into(), |_| {
-        for _ in 0..plan.reps() {
-            for (i, starter) in starters.iter().enumerate() {
-                if let Ok(done) = &mut samples[i] {
-                    match starter.measure(slice, min_runs) {
-                        Ok(s) => done.extend(s),
-                        Err(e) => samples[i] = Err(e.to_string()),
-                    }
-                }
-                bar.inc(1);
-            }
-        }
-    });
-    let stats: Vec<Result<Latency, String>> = samples
-        .into_iter()
-        .map(|s| s.map(|s| Latency::from_samples(0, s)))
-        .collect();
-    let base = starters
-        .iter()
-        .zip(&stats)
-        .find(|(s, _)| **s == Starter::BinTrue)
-        .and_then(|(_, l)| l.as_ref().ok().copied());
-    for (starter, s) in starters.into_iter().zip(stats) {
-        match s {
-            Ok(l) => report.child_start.push(StartRow {
-                contender: starter.name(),
-                runs: l.rounds,
-                median_us: us(l.p50),
-                p99_us: us(l.p99),
-                vs_bin_true: base.map(|b| us(l.p50) / us(b.p50)),
-            }),
-            Err(error) => report.failures.push(Failure {
-                scenario: "child start",
-                contender: starter.name(),
-                size: None,
-                error,
-            }),
-        }
-    }
-}
-
-/// Scenario 4, on this (unpinned) thread's runtime: `Pool` places its
-/// workers itself. Backends and worker counts take turns in `reps` slices,
-/// each on a fresh pool.
 fn run_pool_big(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
     bar.set_message("4. pool, 1 MiB results");
     let rows = with_load(report, "pool, 1 MiB results".to_string(), |_| {
@@ -1148,106 +719,6 @@ fn run_pool_big(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
                 error,
             }),
         }
-    }
-}
-
-fn run_pool(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
-    bar.set_message("4. pool: calibrating the CPU-bound job");
-    let (spins, job_time) = calibrate_spins(Duration::from_millis(1));
-    report.pool.spins_per_job = spins;
-    report.pool.job_ms = job_time.as_secs_f64() * 1e3;
-    report.pool.direct_call_ns = direct_call_ns();
-    report.pool.workers_pinned = plan.pool_pin;
-    bar.inc(1);
-    bar.set_message("4. pool jobs");
-    let cells: Vec<(Backend, usize)> = plan
-        .backends
-        .iter()
-        .flat_map(|&b| plan.pool_workers().into_iter().map(move |w| (b, w)))
-        .collect();
-    let mut acc: Vec<Result<PoolSlice, String>> =
-        cells.iter().map(|_| Ok(PoolSlice::default())).collect();
-    // Each slice measures three things (tiny, CPU-bound, call latency).
-    let budget = plan.cell / (plan.reps() as u32);
-    let rt = match current_thread_runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            report.failures.push(Failure {
-                scenario: "pool",
-                contender: "runtime",
-                size: None,
-                error: e.to_string(),
-            });
-            return;
-        }
-    };
-    for _ in 0..plan.reps() {
-        for (i, &(backend, workers)) in cells.iter().enumerate() {
-            if let Ok(total) = &mut acc[i] {
-                let got = rt.block_on(pool_slice(backend, workers, spins, plan.pool_pin, budget));
-                match got {
-                    Ok(s) => {
-                        total.tiny.add(s.tiny);
-                        total.spin.add(s.spin);
-                        total.calls.extend(s.calls);
-                    }
-                    Err(e) => acc[i] = Err(format!("{workers} worker(s): {e}")),
-                }
-            }
-            bar.inc(1);
-        }
-    }
-    for ((backend, workers), r) in cells.into_iter().zip(acc) {
-        let name = contender_name(backend);
-        match r {
-            Ok(s) => pool_rows(report, name, workers, s),
-            Err(error) => report.failures.push(Failure {
-                scenario: "pool",
-                contender: name,
-                size: Some(workers),
-                error,
-            }),
-        }
-    }
-}
-
-fn pool_rows(report: &mut Report, name: &'static str, workers: usize, s: PoolSlice) {
-    for (job, run) in [("tiny", s.tiny), ("1ms", s.spin)] {
-        let one = match workers {
-            1 => Some(run.jobs_per_sec()),
-            _ => report.pool_row(name, job, 1).map(|r| r.jobs_per_sec),
-        };
-        report.pool.rows.push(PoolRow {
-            contender: name,
-            job,
-            workers,
-            jobs: run.jobs,
-            seconds: run.elapsed.as_secs_f64(),
-            jobs_per_sec: run.jobs_per_sec(),
-            vs_one_worker: one.map(|one| run.jobs_per_sec() / one),
-        });
-    }
-    if workers > 1
-        && let Some(ratio) = report
-            .pool_row(name, "1ms", workers)
-            .and_then(|r| r.vs_one_worker)
-    {
-        report.pool.scaling.push(Scaling {
-            contender: name,
-            workers,
-            ratio,
-        });
-    }
-    if !s.calls.is_empty() {
-        let l = Latency::from_samples(0, s.calls);
-        report.pool.calls.push(PoolCallRow {
-            contender: name,
-            calls: l.rounds,
-            p50_us: us(l.p50),
-            p99_us: us(l.p99),
-            overhead_us: us(l.p50) - report.pool.direct_call_ns / 1e3,
-            map_us_per_job: Some(1e6 / s.tiny.jobs_per_sec()),
-        });
     }
 }
 
@@ -1486,7 +957,7 @@ fn targets(r: &Report, plan: &Plan) -> Vec<Target> {
     out.push(uring_vs_epoll(r, plan));
 
     let what = "child start-to-join: ringipc median within 2x of /bin/true";
-    out.push(match r.start(BIN_TRUE) {
+    out.push(match r.start(child_start::BIN_TRUE) {
         Some(base) => all_backends(
             what,
             plan.backends
@@ -1759,7 +1230,7 @@ fn print_child_start(r: &Report, plan: &Plan) {
         "contender", "median", "p99", "vs /bin/true", "runs"
     );
     print_load(r, "child start");
-    for name in plan.starters().into_iter().map(Starter::name) {
+    for name in plan.starters().into_iter().map(child_start::Starter::name) {
         match r.start(name) {
             Some(s) => println!(
                 "  {:<17} {:>9.0} {:>9.0} {:>11} {:>6}",
@@ -1866,167 +1337,13 @@ fn print_targets(r: &Report) {
 }
 
 // ---------------------------------------------------------------------------
-// The plot
-
-/// Throughput (MB/s) against message size, one line per contender; both
-/// axes logarithmic (the sizes span five orders of magnitude, the rates two).
-fn plot(path: &Path, r: &Report, plan: &Plan) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    let xs: Vec<f64> = plan.sizes.iter().map(|&s| s as f64).collect();
-    let ys: Vec<f64> = r
-        .one_way
-        .iter()
-        .map(|t| t.mb_per_sec)
-        .chain(r.read_every_byte.iter().map(|t| t.mb_per_sec))
-        .collect();
-    if xs.is_empty() || ys.is_empty() {
-        return Err("no throughput measured".into());
-    }
-    let (xmin, xmax) = (
-        xs.iter().copied().fold(f64::MAX, f64::min),
-        xs.iter().copied().fold(0.0, f64::max),
-    );
-    let (ymin, ymax) = (
-        ys.iter().copied().fold(f64::MAX, f64::min),
-        ys.iter().copied().fold(0.0, f64::max),
-    );
-    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (chart_area, foot) = root.split_vertically(600);
-    let mut chart = ChartBuilder::on(&chart_area)
-        .caption(
-            "ringipc harness: one-way throughput by message size",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(72)
-        .build_cartesian_2d(
-            ((xmin.min(64.0 * 1024.0) / 1.4)..(xmax.max(4.0 * 1024.0 * 1024.0) * 1.4))
-                .log_scale()
-                .with_key_points(xs.clone()),
-            ((ymin / 1.6)..(ymax * 1.6))
-                .log_scale()
-                .with_key_points(one_two_five(ymin / 1.6, ymax * 1.6)),
-        )?;
-    chart
-        .configure_mesh()
-        .x_desc("message size (log scale)")
-        .y_desc("payload MB/s (10^6 bytes/s, log scale)")
-        .x_label_formatter(&|x| size_name(x.round() as usize))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()?;
-    let colors = [
-        RGBColor(214, 39, 40),
-        RGBColor(255, 127, 14),
-        RGBColor(31, 119, 180),
-        RGBColor(148, 103, 189),
-        RGBColor(44, 160, 44),
-        RGBColor(0, 0, 0),
-    ];
-    for (i, &c) in plan.contenders.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        let points: Vec<(f64, f64)> = plan
-            .sizes
-            .iter()
-            .filter_map(|&s| Some((s as f64, r.one_way(c, s)?.mb_per_sec)))
-            .collect();
-        if points.is_empty() {
-            continue;
-        }
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(c.name())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2))
-            });
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
-    }
-    // Scenario 1b, dashed: the same transports with every byte read.
-    let read_all = [
-        ("ringipc-uring arena", colors[0]),
-        ("ringipc-epoll arena", colors[1]),
-        ("ringipc-epoll inline", RGBColor(140, 86, 75)),
-        ("tokio pipe+codec", colors[2]),
-        ("ipc-channel", colors[4]),
-        ("raw pipe", colors[5]),
-    ];
-    for (name, color) in read_all {
-        let points: Vec<(f64, f64)> = r
-            .read_every_byte
-            .iter()
-            .filter(|row| row.contender == name)
-            .map(|row| (row.size as f64, row.mb_per_sec))
-            .collect();
-        if points.is_empty() {
-            continue;
-        }
-        chart
-            .draw_series(DashedLineSeries::new(
-                points.clone(),
-                6,
-                4,
-                color.stroke_width(2),
-            ))?
-            .label(format!("{name}, every byte read"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(1))
-            });
-        chart.draw_series(
-            points
-                .iter()
-                .map(|&p| TriangleMarker::new(p, 5, color.filled())),
-        )?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    let m = &r.machine;
-    foot.draw(&Text::new(
-        format!(
-            "{}, {} usable cores, {}; pinning {}; {:.2} s per cell",
-            m.cpu_model,
-            m.cores_usable.len(),
-            m.kernel,
-            m.pinning
-                .map_or("off".into(), |[a, b]| format!("cores {a},{b}")),
-            plan.cell.as_secs_f64()
-        ),
-        (16, 8),
-        ("sans-serif", 13).into_font().color(&RGBColor(90, 90, 90)),
-    ))?;
-    root.present()?;
-    Ok(())
-}
-
-/// 1, 2, 5, 10, 20, 50, ... within `lo..hi`: labels for a log axis.
-fn one_two_five(lo: f64, hi: f64) -> Vec<f64> {
-    let mut out = Vec::new();
-    let mut decade = 10f64.powf(lo.max(1e-9).log10().floor());
-    while decade <= hi {
-        for m in [1.0, 2.0, 5.0] {
-            let v = m * decade;
-            if (lo..=hi).contains(&v) {
-                out.push(v);
-            }
-        }
-        decade *= 10.0;
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------
 
 fn main() {
     // Children (process start, pool workers) re-execute this binary and
     // take over here: nothing may run before this line (but scenario 5's
     // memory reading, skipped in children).
-    let measure_rss =
-        std::env::var_os("RINGIPC_CHILD").is_none() && std::env::var_os(EXIT_AT_ONCE).is_none();
+    let measure_rss = std::env::var_os("RINGIPC_CHILD").is_none()
+        && std::env::var_os(child_start::EXIT_AT_ONCE).is_none();
     if measure_rss {
         forkbench::note_rss_before_init();
     }
@@ -2034,7 +1351,7 @@ fn main() {
     if measure_rss {
         forkbench::note_rss_after_init_now();
     }
-    if std::env::var_os(EXIT_AT_ONCE).is_some() {
+    if std::env::var_os(child_start::EXIT_AT_ONCE).is_some() {
         return; // scenario 3's "exec self" child
     }
     let args = Args::parse();
@@ -2142,7 +1459,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         many_channels: Vec::new(),
         child_start: Vec::new(),
         child_start_parent_rss_kib: None,
-        pool: PoolReport::default(),
+        pool: pool_jobs::PoolReport::default(),
         pool_big: Vec::new(),
         fork_server: forkbench::Report::default(),
         failures: Vec::new(),
@@ -2163,8 +1480,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     run_ping_pong(&plan, &mut report, &bar);
     run_busy_poll(&plan, &mut report, &bar);
     run_many_channels(&plan, &mut report, &bar);
-    run_child_start(&plan, &mut report, &bar);
-    run_pool(&plan, &mut report, &bar);
+    child_start::run(&plan, &mut report, &bar);
+    pool_jobs::run(&plan, &mut report, &bar);
     run_pool_big(&plan, &mut report, &bar);
     bar.set_message("5. fork server vs re-exec");
     report.fork_server = forkbench::run(&plan.backends, plan.cell, plan.reps());
@@ -2188,7 +1505,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!();
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
     println!("wrote {}", args.json.display());
-    match plot(&args.plot, &report, &plan) {
+    match plot::plot(&args.plot, &report, &plan) {
         Ok(()) => println!("wrote {}", args.plot.display()),
         Err(e) => println!("no plot: {e}"),
     }

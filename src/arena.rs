@@ -21,6 +21,7 @@
 //! ring, the flag, descriptors) is checked before use; see docs/architecture.md
 //! ("Arena") for the trust model.
 
+use crate::backend::reactor::RuntimeFd;
 use crate::error::{Error, ErrorKind, Result};
 pub(crate) use crate::framing::Descriptor;
 use crate::framing::HeldSlots;
@@ -32,8 +33,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
-use tokio::runtime::{Handle, Id};
 
 /// Slots start at multiples of this many bytes from the data area.
 pub(crate) use crate::framing::SLOT_ALIGN;
@@ -314,53 +313,25 @@ impl Slots {
 /// The read end of the notify pipe, registered with the tokio reactor of
 /// whichever runtime polls it (re-registered when the handle moves).
 struct Notify {
-    fd: Option<OwnedFd>,
-    reg: Option<(Id, AsyncFd<OwnedFd>)>,
+    fd: RuntimeFd,
 }
 
 impl Notify {
     fn new(fd: OwnedFd) -> io::Result<Notify> {
         sys::set_nonblocking(fd.as_raw_fd(), true)?;
         Ok(Notify {
-            fd: Some(fd),
-            reg: None,
+            fd: RuntimeFd::new(fd, Interest::READABLE),
         })
     }
 
     fn raw(&self) -> RawFd {
-        match (&self.fd, &self.reg) {
-            (Some(fd), _) => fd.as_raw_fd(),
-            (None, Some((_, afd))) => afd.as_raw_fd(),
-            _ => -1,
-        }
-    }
-
-    fn registered(&mut self) -> io::Result<&AsyncFd<OwnedFd>> {
-        let handle = Handle::try_current().map_err(|_| crate::backend::epoll::no_runtime())?;
-        let id = handle.id();
-        if !matches!(&self.reg, Some((rid, _)) if *rid == id) {
-            let fd = match self.reg.take() {
-                Some((_, afd)) => afd.into_inner(),
-                None => self.fd.take().ok_or_else(|| io::Error::other("fd lost"))?,
-            };
-            // SAFETY: the OwnedFd is open and owned by the AsyncFd until
-            // `into_inner`, so the fd number keeps naming the same pipe end.
-            match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
-                Ok(afd) => self.reg = Some((id, afd)),
-                Err(e) => {
-                    let (fd, err) = e.into_parts();
-                    self.fd = Some(fd);
-                    return Err(err);
-                }
-            }
-        }
-        Ok(&self.reg.as_ref().expect("registered above").1)
+        self.fd.raw().unwrap_or(-1)
     }
 
     /// Ready when a byte has arrived since the last call (drained) or the
     /// writers are all gone (`Ok(false)`).
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        let afd = self.registered()?;
+        let afd = self.fd.registered()?;
         loop {
             let mut guard = ready!(afd.poll_read_ready(cx))?;
             let mut buf = [0u8; 64];

@@ -415,7 +415,7 @@ impl RecvHalf {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // Polled outside a runtime: nothing was read, nothing is broken.
-                Err(e) if crate::backend::epoll::is_no_runtime(&e) => {
+                Err(e) if crate::backend::reactor::is_no_runtime(&e) => {
                     return Poll::Ready(Err(Error::io("recv", e)));
                 }
                 Err(e) => {

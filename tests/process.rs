@@ -714,8 +714,68 @@ fn drop_kills_and_reaps(b: Backend) {
         let pid = p.pid();
         drop(p);
         assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            gone_within(pid, Duration::from_secs(10)),
             "child {pid} survived its handle"
+        );
+    });
+}
+
+/// Whether `/proc/{pid}` disappears (the child is dead and reaped) in time.
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let path = format!("/proc/{pid}");
+    let t = Instant::now();
+    while std::path::Path::new(&path).exists() {
+        if t.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// Dropped children, killed or detached, are reaped by one reaper thread:
+/// no thread per child, no zombie left.
+fn dropped_children_are_reaped_without_a_thread_each(b: Backend) {
+    common::block_on(async {
+        let start = |on_drop| {
+            Process::builder_async(sleep_ms)
+                .arg(60_000)
+                .backend(b)
+                .on_drop(on_drop)
+                .start()
+                .unwrap()
+        };
+        // Start one first: a start may start helper threads of its own.
+        drop(start(ringipc::OnDrop::Kill));
+        let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+        let before = threads();
+        let mut pids = Vec::new();
+        for on_drop in [ringipc::OnDrop::Detach, ringipc::OnDrop::Kill] {
+            let children: Vec<_> = (0..12).map(|_| start(on_drop)).collect();
+            pids.extend(children.iter().map(|c| c.pid()));
+            drop(children);
+        }
+        // At most the reaper itself, if no earlier test started it.
+        assert!(
+            threads() <= before + 1,
+            "{} threads, {before} before",
+            threads()
+        );
+        for &pid in &pids[..12] {
+            assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+            // SAFETY: kill(2) of our own detached child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        for pid in pids {
+            assert!(
+                gone_within(pid, Duration::from_secs(10)),
+                "{pid} not reaped"
+            );
+        }
+        assert!(
+            zombie_children().is_empty(),
+            "zombies: {:?}",
+            zombie_children()
         );
     });
 }
@@ -1072,6 +1132,10 @@ fn main() {
         ("two_hundred_children", two_hundred_children),
         ("join_any_returns_first", join_any_returns_first),
         ("drop_kills_and_reaps", drop_kills_and_reaps),
+        (
+            "dropped_children_are_reaped_without_a_thread_each",
+            dropped_children_are_reaped_without_a_thread_each,
+        ),
         (
             "parent_sigkill_takes_children",
             parent_sigkill_takes_children,

@@ -2,87 +2,31 @@
 //!
 //! The fd is registered lazily with the runtime that first polls it, and
 //! registered again if the handle moves to another runtime (a handle created
-//! in a parent thread and used in an engine core, say).
+//! in a parent thread and used in an engine core, say): see
+//! [`RuntimeFd`](super::reactor::RuntimeFd).
 
+use super::reactor::RuntimeFd;
 use crate::framing::{Decoder, Encoder};
 use crate::sys;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::task::{Context, Poll, ready};
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
-use tokio::runtime::{Handle, Id};
 
 pub(crate) struct EpollIo {
-    /// Set while not registered with any runtime.
-    fd: Option<OwnedFd>,
-    reg: Option<(Id, AsyncFd<OwnedFd>)>,
-}
-
-#[derive(Debug)]
-struct NoRuntime;
-
-impl std::fmt::Display for NoRuntime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ringipc channels must be used inside a tokio runtime")
-    }
-}
-
-impl std::error::Error for NoRuntime {}
-
-pub(crate) fn no_runtime() -> io::Error {
-    io::Error::other(NoRuntime)
-}
-
-/// Whether `e` is [`no_runtime`]'s error: nothing was read or written, so
-/// the stream is as it was and the call can be retried inside a runtime.
-pub(crate) fn is_no_runtime(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<NoRuntime>())
+    fd: RuntimeFd,
 }
 
 impl EpollIo {
     pub(crate) fn new(fd: OwnedFd) -> io::Result<EpollIo> {
         sys::set_nonblocking(fd.as_raw_fd(), true)?;
         Ok(EpollIo {
-            fd: Some(fd),
-            reg: None,
+            fd: RuntimeFd::new(fd, Interest::READABLE | Interest::WRITABLE),
         })
     }
 
-    fn registered(&mut self) -> io::Result<&AsyncFd<OwnedFd>> {
-        let handle = Handle::try_current().map_err(|_| no_runtime())?;
-        let id = handle.id();
-        if !matches!(&self.reg, Some((rid, _)) if *rid == id) {
-            let fd = match self.reg.take() {
-                Some((_, afd)) => afd.into_inner(),
-                None => self.fd.take().ok_or_else(|| io::Error::other("fd lost"))?,
-            };
-            // SAFETY: the OwnedFd is open and owned by the AsyncFd until
-            // `into_inner`, so the fd number keeps naming the same pipe end.
-            match unsafe {
-                AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
-            } {
-                Ok(afd) => self.reg = Some((id, afd)),
-                Err(e) => {
-                    let (fd, err) = e.into_parts();
-                    self.fd = Some(fd);
-                    return Err(err);
-                }
-            }
-        }
-        Ok(&self.reg.as_ref().expect("registered above").1)
-    }
-
     pub(crate) fn raw_fd(&self) -> i32 {
-        self.raw().expect("an EpollIo always holds its fd")
-    }
-
-    fn raw(&self) -> Option<i32> {
-        match (&self.fd, &self.reg) {
-            (Some(fd), _) => Some(fd.as_raw_fd()),
-            (None, Some((_, afd))) => Some(afd.as_raw_fd()),
-            _ => None,
-        }
+        self.fd.raw().expect("an EpollIo always holds its fd")
     }
 
     pub(crate) fn poll_read(
@@ -90,7 +34,7 @@ impl EpollIo {
         cx: &mut Context<'_>,
         dec: &mut Decoder,
     ) -> Poll<io::Result<usize>> {
-        let afd = self.registered()?;
+        let afd = self.fd.registered()?;
         loop {
             let mut guard = ready!(afd.poll_read_ready(cx))?;
             let (ptr, len) = dec.reserve();
@@ -120,7 +64,7 @@ impl EpollIo {
         cx: &mut Context<'_>,
         enc: &mut Encoder,
     ) -> Poll<io::Result<usize>> {
-        let afd = self.registered()?;
+        let afd = self.fd.registered()?;
         loop {
             let mut guard = ready!(afd.poll_write_ready(cx))?;
             let want = enc.pending().len();
@@ -148,7 +92,7 @@ impl EpollIo {
         dec: &mut Decoder,
         budget: std::time::Duration,
     ) -> Poll<io::Result<usize>> {
-        let Some(fd) = self.raw() else {
+        let Some(fd) = self.fd.raw() else {
             return Poll::Ready(Err(io::Error::from_raw_os_error(libc::EBADF)));
         };
         let deadline = std::time::Instant::now() + budget;
@@ -174,7 +118,7 @@ impl EpollIo {
     }
 
     pub(crate) fn write_now(&mut self, enc: &mut Encoder) {
-        let Some(fd) = self.raw() else { return };
+        let Some(fd) = self.fd.raw() else { return };
         while !enc.pending().is_empty() {
             match sys::write(fd, enc.pending()) {
                 Ok(n) => enc.advance(n),
@@ -196,28 +140,25 @@ impl AsRawFd for Pidfd {
 /// Waits for a pidfd to become readable (the process exited) on tokio's reactor.
 #[derive(Default)]
 pub(crate) struct EpollWait {
-    reg: Option<(Id, AsyncFd<Pidfd>)>,
+    pidfd: Option<RuntimeFd<Pidfd>>,
 }
 
 impl EpollWait {
     /// Ready once the process behind `pidfd` has exited (not yet reaped).
     ///
-    /// The caller keeps `pidfd` open for as long as this waiter exists.
+    /// The caller keeps `pidfd` open for as long as this waiter exists, and
+    /// passes the same one to every call.
     pub(crate) fn poll_exited(
         &mut self,
         cx: &mut Context<'_>,
         pidfd: RawFd,
     ) -> Poll<io::Result<()>> {
-        let id = Handle::try_current().map_err(|_| no_runtime())?.id();
-        if !matches!(&self.reg, Some((rid, _)) if *rid == id) {
-            self.reg = None;
+        let fd = self.pidfd.get_or_insert_with(|| {
             // SAFETY: the owner of this waiter keeps `pidfd` open while the
             // waiter exists (it is dropped before the pidfd in `Process`).
-            let afd = unsafe { AsyncFd::register_with_interest(Pidfd(pidfd), Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
-            self.reg = Some((id, afd));
-        }
-        let afd = &self.reg.as_ref().expect("registered above").1;
+            unsafe { RuntimeFd::new_unchecked(Pidfd(pidfd), Interest::READABLE) }
+        });
+        let afd = fd.registered()?;
         let _guard = ready!(afd.poll_read_ready(cx))?;
         // A pidfd stays readable once the process has exited; nothing to clear.
         Poll::Ready(Ok(()))

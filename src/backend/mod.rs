@@ -12,6 +12,7 @@
 //!   complete, so a dropped future never loses track of what was written.
 
 pub(crate) mod epoll;
+pub(crate) mod reactor;
 pub(crate) mod uring;
 
 use crate::error::{Error, ErrorKind, Result};

@@ -353,7 +353,7 @@ impl State {
     /// The ring fd's registration with the current runtime's reactor.
     fn registration(&mut self) -> io::Result<&AsyncFd<RingFd>> {
         let id = Handle::try_current()
-            .map_err(|_| super::super::epoll::no_runtime())?
+            .map_err(|_| super::super::reactor::no_runtime())?
             .id();
         if let Some(i) = self.regs.iter().position(|(rid, _)| *rid == id) {
             return Ok(&self.regs[i].1);
