@@ -141,6 +141,18 @@ pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// SIGKILLs and reaps `pid`, an unreaped child of this process (one whose
+/// pidfd could not be opened): an unreaped child's pid cannot be reused,
+/// so the signal reaches that child.
+pub fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: kill and waitpid take a pid and (for waitpid) a null status
+    // pointer, which the kernel does not write through.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
 /// Sends `sig` to the process behind `pidfd` (no pid-reuse race).
 pub fn pidfd_send_signal(pidfd: RawFd, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: pidfd_send_signal with a null siginfo and no flags.

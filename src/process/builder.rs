@@ -375,11 +375,7 @@ impl<A: Encode, R> ProcessBuilder<A, R> {
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
-                // SAFETY: kill/waitpid on our own unreaped child.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
+                sys::kill_and_reap(pid);
                 return Err(spawn_err("pidfd_open").with_source(e));
             }
         };

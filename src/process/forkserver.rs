@@ -154,11 +154,7 @@ pub(crate) fn start_server() {
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
-            // SAFETY: kill/waitpid on our own unreaped child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            sys::kill_and_reap(pid);
             tracing::warn!(error = %e, "fork server: pidfd_open failed; children are re-executed");
             return;
         }
