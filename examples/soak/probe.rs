@@ -1,0 +1,270 @@
+//! What the soak watches: this process's RSS, open fds, threads, live and
+//! zombie children, read from /proc once a second; and the verdict rule
+//! that says whether they stayed flat.
+
+use serde::Serialize;
+use std::fs;
+
+/// One reading of the process's resources.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Resources {
+    /// Resident set size, KiB (`/proc/self/statm`).
+    pub rss_kib: u64,
+    /// Open file descriptors (`/proc/self/fd`).
+    pub fds: u64,
+    /// Threads (`Threads:` in `/proc/self/status`).
+    pub threads: u64,
+    /// Children whose parent is this process, alive (not zombies).
+    pub live_children: u64,
+    /// Children whose parent is this process, exited and not reaped.
+    pub zombies: u64,
+}
+
+impl Resources {
+    /// Reads /proc now.
+    pub fn read() -> Resources {
+        let (live_children, zombies) = children();
+        Resources {
+            rss_kib: rss_kib(),
+            fds: fds(),
+            threads: threads(),
+            live_children,
+            zombies,
+        }
+    }
+
+    /// The metrics, in table order, with their names.
+    pub fn metrics(&self) -> [(Metric, u64); 5] {
+        [
+            (Metric::Rss, self.rss_kib),
+            (Metric::Fds, self.fds),
+            (Metric::Threads, self.threads),
+            (Metric::LiveChildren, self.live_children),
+            (Metric::Zombies, self.zombies),
+        ]
+    }
+}
+
+/// A watched metric and its flatness rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Metric {
+    /// RSS in KiB.
+    Rss,
+    /// Open fds.
+    Fds,
+    /// Threads.
+    Threads,
+    /// Live child processes.
+    LiveChildren,
+    /// Zombie child processes.
+    Zombies,
+}
+
+impl Metric {
+    /// Name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Rss => "rss_kib",
+            Metric::Fds => "fds",
+            Metric::Threads => "threads",
+            Metric::LiveChildren => "children",
+            Metric::Zombies => "zombies",
+        }
+    }
+
+    /// The absolute slack of the flatness rule: the last window's mean may
+    /// exceed the first window's by 10% plus this much.
+    pub fn slack(self) -> f64 {
+        match self {
+            // Allocator arenas of runtime threads and tokio's blocking pool
+            // come and go in MiB steps.
+            Metric::Rss => 4096.0,
+            Metric::Fds => 8.0,
+            Metric::Threads => 4.0,
+            Metric::LiveChildren => 4.0,
+            Metric::Zombies => 2.0,
+        }
+    }
+
+    /// Whether, once every task, child and pool has been joined and the
+    /// runtime dropped, the metric must equal its value before the load.
+    /// RSS never returns exactly (the allocator keeps what it grew).
+    pub fn back_to_baseline(self) -> bool {
+        self != Metric::Rss
+    }
+}
+
+fn rss_kib() -> u64 {
+    // statm: size resident shared text lib data dt, in pages.
+    let pages = fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    pages * page_size() / 1024
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as u64 } else { 4096 }
+}
+
+fn fds() -> u64 {
+    // The directory handle read_dir holds is one of the entries listed.
+    match fs::read_dir("/proc/self/fd") {
+        Ok(d) => (d.count() as u64).saturating_sub(1),
+        Err(_) => 0,
+    }
+}
+
+/// The names of this process's threads, for a report that says which
+/// thread outlived the load.
+pub fn thread_names() -> Vec<String> {
+    let Ok(dir) = fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+fn threads() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// (alive, zombie) processes whose parent is this process: a scan of
+/// `/proc/*/stat` (fields after the command name: state, then ppid).
+fn children() -> (u64, u64) {
+    let me = std::process::id();
+    let (mut live, mut zombies) = (0, 0);
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // A process may exit between listing and reading: skip it.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may hold spaces and parentheses: parse after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (Some(state), Some(ppid)) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        if ppid != me {
+            continue;
+        }
+        if state == "Z" {
+            zombies += 1;
+        } else {
+            live += 1;
+        }
+    }
+    (live, zombies)
+}
+
+/// Mean and max of one metric over a window of samples.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Window {
+    /// Mean over the window.
+    pub mean: f64,
+    /// Largest value in the window.
+    pub max: u64,
+}
+
+impl Window {
+    /// Over `values` (empty: zeros).
+    pub fn of(values: impl Iterator<Item = u64>) -> Window {
+        let (mut n, mut sum, mut max) = (0u64, 0u64, 0u64);
+        for v in values {
+            n += 1;
+            sum += v;
+            max = max.max(v);
+        }
+        Window {
+            mean: if n == 0 { 0.0 } else { sum as f64 / n as f64 },
+            max,
+        }
+    }
+}
+
+/// The verdict on one metric.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    /// Which metric.
+    pub metric: &'static str,
+    /// Before any load started.
+    pub baseline: u64,
+    /// The first window after warm-up.
+    pub first: Window,
+    /// The last window of the load.
+    pub last: Window,
+    /// Largest value over the whole run.
+    pub max: u64,
+    /// After everything was joined and the runtime dropped.
+    pub end: u64,
+    /// The last window's mean may be at most this.
+    pub limit: f64,
+    /// Flat by the rule.
+    pub flat: bool,
+    /// Why not, if not.
+    pub why: Option<String>,
+}
+
+/// Applies the rule: the last window's mean is at most the first's plus
+/// 10% plus the metric's slack; and, for every metric but RSS, the value
+/// at the end equals the baseline.
+pub fn verdict(
+    metric: Metric,
+    baseline: u64,
+    first: Window,
+    last: Window,
+    max: u64,
+    end: u64,
+) -> Verdict {
+    let limit = first.mean * 1.10 + metric.slack();
+    let mut why = Vec::new();
+    if last.mean > limit {
+        why.push(format!(
+            "last-window mean {:.1} > limit {limit:.1} (first-window mean {:.1} + 10% + {})",
+            last.mean,
+            first.mean,
+            metric.slack()
+        ));
+    }
+    if metric.back_to_baseline() && end != baseline {
+        why.push(format!("{end} at the end, {baseline} before the load"));
+    }
+    Verdict {
+        metric: metric.name(),
+        baseline,
+        first,
+        last,
+        max,
+        end,
+        limit,
+        flat: why.is_empty(),
+        why: (!why.is_empty()).then(|| why.join("; ")),
+    }
+}
