@@ -178,13 +178,14 @@ fn print_line(s: &Sample, prev: Option<&Sample>) {
     let r = &s.res;
     let c = &s.totals;
     println!(
-        "[{:>5.0}s] rss {:>7} KiB  fds {:>4}  threads {:>3}  children {:>3}  zombies {:>2} | msgs {:>10} ({:>6.0}/s)  children {:>6}  jobs {:>7} ok {:>5} failed  kills {:>4}  anomalies {}",
+        "[{:>5.0}s] rss {:>7} KiB  fds {:>4}  threads {:>3}  children {:>3}  zombies {:>2}  maps {:>4} | msgs {:>10} ({:>6.0}/s)  children {:>6}  jobs {:>7} ok {:>5} failed  kills {:>4}  anomalies {}",
         s.t,
         r.rss_kib,
         r.fds,
         r.threads,
         r.live_children,
         r.zombies,
+        r.mappings,
         c.msgs,
         rate,
         c.children,
@@ -446,7 +447,7 @@ fn report(
     let window = ((secs - warm_up) / 3.0).min(60.0);
     let load: Vec<&Sample> = samples.iter().filter(|s| s.t <= secs + 0.5).collect();
     let in_range = |lo: f64, hi: f64| load.iter().filter(move |s| s.t > lo && s.t <= hi);
-    let verdicts: Vec<Verdict> = (0..5)
+    let verdicts: Vec<Verdict> = (0..baseline.metrics().len())
         .map(|i| {
             let pick = move |s: &&&Sample| s.res.metrics()[i].1;
             let metric = baseline.metrics()[i].0;
