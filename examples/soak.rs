@@ -178,9 +178,10 @@ fn print_line(s: &Sample, prev: Option<&Sample>) {
     let r = &s.res;
     let c = &s.totals;
     println!(
-        "[{:>5.0}s] rss {:>7} KiB  fds {:>4}  threads {:>3}  children {:>3}  zombies {:>2}  maps {:>4} | msgs {:>10} ({:>6.0}/s)  children {:>6}  jobs {:>7} ok {:>5} failed  kills {:>4}  anomalies {}",
+        "[{:>5.0}s] rss {:>7} KiB  heap {:>6} KiB  fds {:>4}  threads {:>3}  children {:>3}  zombies {:>2}  maps {:>4} | msgs {:>10} ({:>6.0}/s)  children {:>6}  jobs {:>7} ok {:>5} failed  kills {:>4}  anomalies {}",
         s.t,
         r.rss_kib,
+        r.heap_kib,
         r.fds,
         r.threads,
         r.live_children,
@@ -458,6 +459,9 @@ fn report(
                 .map(|s| s.res.metrics()[i].1)
                 .max()
                 .unwrap_or(0);
+            let trend = probe::trend_per_min(
+                in_range(warm_up, secs + 0.5).map(|s| (s.t, s.res.metrics()[i].1)),
+            );
             probe::verdict(
                 metric,
                 baseline.metrics()[i].1,
@@ -465,6 +469,7 @@ fn report(
                 last,
                 max,
                 end.metrics()[i].1,
+                trend,
             )
         })
         .collect();
@@ -479,12 +484,20 @@ fn report(
         secs
     );
     println!(
-        "{:<9} {:>9} {:>11} {:>10} {:>10} {:>10} {:>10} {:>8}  verdict",
-        "metric", "baseline", "first mean", "first max", "last mean", "last max", "limit", "end"
+        "{:<9} {:>9} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}  verdict",
+        "metric",
+        "baseline",
+        "first mean",
+        "first max",
+        "last mean",
+        "last max",
+        "limit",
+        "trend/min",
+        "end"
     );
     for v in &verdicts {
         println!(
-            "{:<9} {:>9} {:>11.1} {:>10} {:>10.1} {:>10} {:>10.1} {:>8}  {}",
+            "{:<9} {:>9} {:>11.1} {:>10} {:>10.1} {:>10} {:>10.1} {:>+10.1} {:>8}  {}",
             v.metric,
             v.baseline,
             v.first.mean,
@@ -492,6 +505,7 @@ fn report(
             v.last.mean,
             v.last.max,
             v.limit,
+            v.trend_per_min,
             v.end,
             match &v.why {
                 None => "flat".to_string(),

@@ -10,6 +10,10 @@ use std::fs;
 pub struct Resources {
     /// Resident set size, KiB (`/proc/self/statm`).
     pub rss_kib: u64,
+    /// Heap in use, KiB (glibc's `mallinfo2`: allocated chunks plus
+    /// mmapped blocks; 0 where there is no such call). Far less noisy than
+    /// RSS, which the channels' shared-memory arenas dominate.
+    pub heap_kib: u64,
     /// Open file descriptors (`/proc/self/fd`).
     pub fds: u64,
     /// Threads (`Threads:` in `/proc/self/status`).
@@ -29,6 +33,7 @@ impl Resources {
         let (live_children, zombies) = children();
         Resources {
             rss_kib: rss_kib(),
+            heap_kib: heap_kib(),
             fds: fds(),
             threads: threads(),
             live_children,
@@ -38,9 +43,10 @@ impl Resources {
     }
 
     /// The metrics, in table order, with their names.
-    pub fn metrics(&self) -> [(Metric, u64); 6] {
+    pub fn metrics(&self) -> [(Metric, u64); 7] {
         [
             (Metric::Rss, self.rss_kib),
+            (Metric::Heap, self.heap_kib),
             (Metric::Fds, self.fds),
             (Metric::Threads, self.threads),
             (Metric::LiveChildren, self.live_children),
@@ -55,6 +61,8 @@ impl Resources {
 pub enum Metric {
     /// RSS in KiB.
     Rss,
+    /// Heap in use, in KiB.
+    Heap,
     /// Open fds.
     Fds,
     /// Threads.
@@ -72,6 +80,7 @@ impl Metric {
     pub fn name(self) -> &'static str {
         match self {
             Metric::Rss => "rss_kib",
+            Metric::Heap => "heap_kib",
             Metric::Fds => "fds",
             Metric::Threads => "threads",
             Metric::LiveChildren => "children",
@@ -87,6 +96,8 @@ impl Metric {
             // Allocator arenas of runtime threads and tokio's blocking pool
             // come and go in MiB steps.
             Metric::Rss => 4096.0,
+            // Receive buffers grow to the largest message a channel saw.
+            Metric::Heap => 2048.0,
             Metric::Fds => 8.0,
             Metric::Threads => 4.0,
             Metric::LiveChildren => 4.0,
@@ -98,10 +109,12 @@ impl Metric {
 
     /// Whether, once every task, child and pool has been joined and the
     /// runtime dropped, the metric must equal its value before the load.
-    /// RSS and mappings never return exactly: the allocator keeps what it
-    /// grew, including the heaps it made for threads that have exited.
+    /// Memory never returns exactly: the allocator keeps what it grew
+    /// (including heaps it made for threads that have exited), and
+    /// process-wide state made on first use (the backend probe, tracing's
+    /// callsite registry, the pool's code offsets) stays.
     pub fn back_to_baseline(self) -> bool {
-        !matches!(self, Metric::Rss | Metric::Mappings)
+        !matches!(self, Metric::Rss | Metric::Heap | Metric::Mappings)
     }
 }
 
@@ -112,6 +125,34 @@ fn rss_kib() -> u64 {
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .unwrap_or(0);
     pages * page_size() / 1024
+}
+
+#[cfg(target_env = "gnu")]
+fn heap_kib() -> u64 {
+    use std::sync::OnceLock;
+    type MallInfo2 = unsafe extern "C" fn() -> libc::mallinfo2;
+    // Looked up at run time: mallinfo2 is glibc 2.33, the library's floor 2.29.
+    static F: OnceLock<Option<MallInfo2>> = OnceLock::new();
+    let f = F.get_or_init(|| {
+        // SAFETY: the name is NUL-terminated; RTLD_DEFAULT searches the
+        // objects already loaded.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"mallinfo2".as_ptr()) };
+        // SAFETY: a non-null `mallinfo2` from glibc has exactly this signature.
+        (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut libc::c_void, MallInfo2>(p) })
+    });
+    match f {
+        Some(f) => {
+            // SAFETY: mallinfo2 takes nothing and only reads allocator state.
+            let m = unsafe { f() };
+            (m.uordblks + m.hblkhd) as u64 / 1024
+        }
+        None => 0,
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn heap_kib() -> u64 {
+    0
 }
 
 fn mappings() -> u64 {
@@ -226,6 +267,21 @@ impl Window {
     }
 }
 
+/// The least-squares slope of `(t, v)` points, per minute (0 for fewer
+/// than two points).
+pub fn trend_per_min(points: impl Iterator<Item = (f64, u64)>) -> f64 {
+    let pts: Vec<(f64, f64)> = points.map(|(t, v)| (t, v as f64)).collect();
+    let n = pts.len() as f64;
+    if pts.len() < 2 {
+        return 0.0;
+    }
+    let mt = pts.iter().map(|p| p.0).sum::<f64>() / n;
+    let mv = pts.iter().map(|p| p.1).sum::<f64>() / n;
+    let cov: f64 = pts.iter().map(|p| (p.0 - mt) * (p.1 - mv)).sum();
+    let var: f64 = pts.iter().map(|p| (p.0 - mt) * (p.0 - mt)).sum();
+    if var == 0.0 { 0.0 } else { cov / var * 60.0 }
+}
+
 /// The verdict on one metric.
 #[derive(Clone, Debug, Serialize)]
 pub struct Verdict {
@@ -239,6 +295,9 @@ pub struct Verdict {
     pub last: Window,
     /// Largest value over the whole run.
     pub max: u64,
+    /// Least-squares slope over the load after warm-up, per minute: for
+    /// information (a leak shows as a steady positive trend), not judged.
+    pub trend_per_min: f64,
     /// After everything was joined and the runtime dropped.
     pub end: u64,
     /// The last window's mean may be at most this.
@@ -259,6 +318,7 @@ pub fn verdict(
     last: Window,
     max: u64,
     end: u64,
+    trend_per_min: f64,
 ) -> Verdict {
     let limit = first.mean * 1.10 + metric.slack();
     let mut why = Vec::new();
@@ -279,6 +339,7 @@ pub fn verdict(
         first,
         last,
         max,
+        trend_per_min,
         end,
         limit,
         flat: why.is_empty(),
