@@ -292,7 +292,7 @@ async fn load(backends: Vec<Backend>, engines: Vec<Arc<Engine>>, seed: u64, secs
                 tasks.spawn(format!("{b} pool killer"), |beat| {
                     pool_load::killer(p, s + 60, beat)
                 });
-                pools.push(pool);
+                pools.push((pool, b));
             }
             Err(e) => anomaly(format!("pool on {b}: {e}")),
         }
@@ -300,8 +300,8 @@ async fn load(backends: Vec<Backend>, engines: Vec<Arc<Engine>>, seed: u64, secs
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     STOPPING.store(true, Relaxed);
     tasks.join(Duration::from_secs(60)).await;
-    for pool in pools {
-        if tokio::time::timeout(Duration::from_secs(30), pool_load::finish(pool))
+    for (pool, b) in pools {
+        if tokio::time::timeout(Duration::from_secs(30), pool_load::finish(pool, b))
             .await
             .is_err()
         {
@@ -528,13 +528,14 @@ fn report(
         t.children, t.children_ok, t.children_killed, t.children_panicked, t.children_dropped
     );
     println!(
-        "pool jobs {} ok, {} failed ({} timed out, {} worker died, {} panicked); {} workers killed",
+        "pool jobs {} ok, {} failed ({} timed out, {} worker died, {} panicked); {} workers killed, {} restarted",
         t.jobs_ok,
         t.jobs_failed(),
         t.jobs_timed_out,
         t.jobs_worker_died,
         t.jobs_panicked,
-        t.worker_kills
+        t.worker_kills,
+        t.worker_restarts
     );
     for a in &anomalies {
         println!("anomaly: {a}");

@@ -64,6 +64,8 @@ counters! {
     jobs_panicked,
     /// Pool workers killed by the soak.
     worker_kills,
+    /// Pool workers restarted gracefully by the soak.
+    worker_restarts,
     /// Outcomes that should be impossible.
     anomalies,
 }

@@ -2,13 +2,16 @@
 //! or panic, while a killer SIGKILLs random workers. Every call must end in
 //! the right value or an expected typed error.
 //!
-//! The supervision calls (`call_timeout`, `kill_worker`, `shutdown_timeout`)
-//! go through the small functions at the top, so the soak can follow the
-//! pool's API as it grows.
+//! Worker kills and graceful restarts go through `Pool::kill_worker` and
+//! `Pool::restart_worker`, timeouts through `Pool::call_timeout` (which
+//! kills the worker running a job past its deadline), and the end through
+//! `Pool::shutdown_timeout`. How each worker last died is checked as the
+//! load runs: only the soak's own kills, restarts and timeouts may end one.
 
 use crate::counters::{Beat, COUNTERS, add, anomaly, stopping};
 use fastrand::Rng;
-use ringipc::{Backend, Error, ErrorKind, OwnedMessage, Pool, Result};
+use ringipc::{Backend, DeathCause, ErrorKind, OwnedMessage, Pool, Result};
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// A job: compute, sleep (to be timed out, or not), or panic.
@@ -43,37 +46,6 @@ fn run_job(job: Job) -> u64 {
 }
 
 type SoakPool = Pool<Job, u64>;
-
-/// `call` with a deadline: a job still running then fails with `TimedOut`.
-async fn call_timeout(pool: &SoakPool, job: Job, t: Duration) -> Result<OwnedMessage<u64>> {
-    match tokio::time::timeout(t, pool.call(job)).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::new(ErrorKind::TimedOut, "pool call timed out")),
-    }
-}
-
-/// SIGKILLs worker `i`; the pool restarts it.
-fn kill_worker(pool: &SoakPool, i: usize) -> Result<()> {
-    let pid = pool.stats()[i].pid as libc::pid_t;
-    // SAFETY: kill(2) takes no pointers. The pid is the worker's, read a
-    // moment ago; the pool reaps it, so it cannot have been reused yet
-    // unless the worker died and was reaped in between (then another of
-    // our children may be hit, which the soak would report).
-    if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        // Already dead and reaped: it is being restarted.
-        Some(libc::ESRCH) => Ok(()),
-        _ => Err(Error::new(ErrorKind::Io, format!("kill worker {i} (pid {pid})")).with_source(e)),
-    }
-}
-
-/// Stops the pool, letting jobs in flight finish.
-async fn shutdown(pool: SoakPool) -> Result<()> {
-    pool.shutdown().await
-}
 
 /// Builds a pool of two workers on `backend`.
 pub async fn build(backend: Backend) -> Result<SoakPool> {
@@ -124,7 +96,7 @@ pub async fn caller(pool: SoakPool, seed: u64, beat: Beat) {
                 let ms = rng.u64(500..2000);
                 let t = Duration::from_millis(rng.u64(20..200));
                 judge(
-                    call_timeout(&pool, Job::Sleep(ms), t).await,
+                    pool.call_timeout(Job::Sleep(ms), t).await,
                     Expect::Value(ms),
                     true,
                 );
@@ -153,26 +125,67 @@ pub async fn caller(pool: SoakPool, seed: u64, beat: Beat) {
     }
 }
 
-/// Kills a random worker every one to four seconds.
+/// Every one to four seconds, kills a random worker or restarts one
+/// gracefully; checks how every worker last died.
 pub async fn killer(pool: SoakPool, seed: u64, beat: Beat) {
     let mut rng = Rng::with_seed(seed);
+    let mut seen = HashSet::new();
     while !stopping() {
         tokio::time::sleep(Duration::from_millis(rng.u64(1000..4000))).await;
+        check_deaths(&pool, &mut seen);
         if stopping() {
             break;
         }
         let i = rng.usize(0..pool.workers());
-        match kill_worker(&pool, i) {
-            Ok(()) => add(&COUNTERS.worker_kills, 1),
-            Err(e) => anomaly(format!("{e}")),
+        if rng.u32(0..4) == 0 {
+            match tokio::time::timeout(Duration::from_secs(30), pool.restart_worker(i)).await {
+                Ok(Ok(())) => add(&COUNTERS.worker_restarts, 1),
+                Ok(Err(e)) => anomaly(format!("restart_worker({i}): {e}")),
+                Err(_) => anomaly(format!("hang: restart_worker({i}) took over 30 s")),
+            }
+        } else {
+            match pool.kill_worker(i) {
+                Ok(()) => add(&COUNTERS.worker_kills, 1),
+                Err(e) => anomaly(format!("kill_worker({i}): {e}")),
+            }
         }
         beat.tick();
     }
 }
 
-/// Shuts the pool down; every worker must be gone after.
-pub async fn finish(pool: SoakPool) {
-    if let Err(e) = shutdown(pool).await {
+/// A worker may end only by the soak's hand (a kill, a restart, a job
+/// timeout) or its job pipe breaking as it is killed; a worker that died
+/// on its own or broke the protocol is an anomaly.
+fn check_deaths(pool: &SoakPool, seen: &mut HashSet<u32>) {
+    for s in pool.stats() {
+        let Some(d) = s.last_death else { continue };
+        if !seen.insert(d.pid) {
+            continue;
+        }
+        match d.cause {
+            DeathCause::Killed
+            | DeathCause::Restarted
+            | DeathCause::JobTimedOut { .. }
+            | DeathCause::JobPipeFailed => {}
+            _ => anomaly(format!("pool worker {} {d}", s.worker)),
+        }
+    }
+}
+
+/// Shuts the pool down (killing workers still busy after 10 s) and prints
+/// what its workers went through.
+pub async fn finish(pool: SoakPool, backend: Backend) {
+    let stats = pool.stats();
+    let mut seen = HashSet::new();
+    check_deaths(&pool, &mut seen);
+    if let Err(e) = pool.shutdown_timeout(Duration::from_secs(10)).await {
         anomaly(format!("pool shutdown: {e}"));
     }
+    let restarts: u64 = stats.iter().map(|s| s.restarts).sum();
+    let timeouts: u64 = stats.iter().map(|s| s.timeouts).sum();
+    let done: u64 = stats.iter().map(|s| s.jobs_done).sum();
+    let failed: u64 = stats.iter().map(|s| s.jobs_failed).sum();
+    println!(
+        "pool on {backend}: {done} jobs done, {failed} failed, {timeouts} timed out, {restarts} worker restarts"
+    );
 }
