@@ -19,6 +19,9 @@
 //! stalled and no anomaly was seen. The rule is in `soak/probe.rs`
 //! (`verdict`) and docs/testing.md.
 
+// `cargo test --example soak` runs the verdict's unit tests, without main.
+#![cfg_attr(test, allow(dead_code))]
+
 #[path = "soak/channels.rs"]
 mod channels;
 #[path = "soak/children.rs"]
@@ -118,8 +121,11 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn start(t0: Instant, print_every: u64, stall: Duration) -> Sampler {
-        let samples = Arc::new(Mutex::new(Vec::new()));
+    fn start(t0: Instant, print_every: u64, stall: Duration, secs: f64) -> Sampler {
+        // Room for the whole run up front, so the samples themselves do not
+        // show as heap growth.
+        let room = secs as usize + 120;
+        let samples = Arc::new(Mutex::new(Vec::with_capacity(room)));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (samples.clone(), stop.clone());
         let thread = std::thread::Builder::new()
@@ -395,7 +401,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let t0 = Instant::now();
-    let sampler = Sampler::start(t0, args.print_every, Duration::from_secs(args.stall_secs));
+    let sampler = Sampler::start(
+        t0,
+        args.print_every,
+        Duration::from_secs(args.stall_secs),
+        secs,
+    );
     // Before anything of the load exists: the sampler thread, the fork
     // server and this thread.
     let baseline = Resources::read();

@@ -346,3 +346,91 @@ pub fn verdict(
         why: (!why.is_empty()).then(|| why.join("; ")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(values: &[u64]) -> Window {
+        Window::of(values.iter().copied())
+    }
+
+    #[test]
+    fn flat_within_ten_percent_and_slack() {
+        let v = verdict(
+            Metric::Fds,
+            7,
+            window(&[100, 110]),
+            window(&[120, 122]),
+            122,
+            7,
+            0.0,
+        );
+        // 105 * 1.1 + 8 = 123.5
+        assert!(v.flat, "{v:?}");
+        assert!((v.limit - 123.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn growth_past_the_limit_is_not_flat() {
+        let v = verdict(
+            Metric::Rss,
+            0,
+            window(&[10_000]),
+            window(&[15_200]),
+            15_200,
+            0,
+            0.0,
+        );
+        // 10_000 * 1.1 + 4096 = 15_096
+        assert!(!v.flat);
+        assert!(v.why.unwrap().contains("last-window mean"));
+    }
+
+    #[test]
+    fn counts_must_return_to_baseline() {
+        let v = verdict(Metric::Fds, 7, window(&[100]), window(&[100]), 100, 8, 0.0);
+        assert!(!v.flat);
+        assert!(v.why.unwrap().contains("8 at the end, 7 before"));
+        let z = verdict(Metric::Zombies, 0, window(&[1]), window(&[1]), 3, 1, 0.0);
+        assert!(!z.flat);
+        // Memory is judged by the windows only.
+        let r = verdict(
+            Metric::Heap,
+            30,
+            window(&[5000]),
+            window(&[5000]),
+            5000,
+            150,
+            0.0,
+        );
+        assert!(r.flat);
+    }
+
+    #[test]
+    fn trend_is_the_slope_per_minute() {
+        let pts = (0..10).map(|s| (s as f64, 100 + 2 * s as u64));
+        assert!((trend_per_min(pts) - 120.0).abs() < 1e-9);
+        assert_eq!(trend_per_min(std::iter::once((1.0, 5))), 0.0);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let r = Resources::read();
+        assert!(r.rss_kib > 0 && r.fds >= 3 && r.threads >= 1);
+        assert_eq!(r.zombies, 0);
+        // A child that exited and is not yet reaped is a zombie.
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let mut seen = false;
+        for _ in 0..500 {
+            if Resources::read().zombies == 1 {
+                seen = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        c.wait().unwrap();
+        assert!(seen, "the exited child never showed as a zombie");
+        assert_eq!(Resources::read().zombies, 0);
+    }
+}
