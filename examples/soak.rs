@@ -66,12 +66,35 @@ struct Args {
     /// A loop that makes no progress for this many seconds is a stall.
     #[arg(long, default_value_t = 30)]
     stall_secs: u64,
+    /// Run only these parts of the load (to narrow a finding down).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tasks,echo,engine,children,pool"
+    )]
+    only: Vec<Part>,
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Write the samples and the verdict here, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// The parts of the load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+enum Part {
+    /// Typed and bytes channels between tasks.
+    Tasks,
+    /// The long-lived echo child.
+    Echo,
+    /// Echo tasks on engine cores.
+    Engine,
+    /// Child churn.
+    Children,
+    /// The pool, its callers and its killer.
+    Pool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -260,47 +283,57 @@ impl Tasks {
 }
 
 /// The whole load, for `secs` seconds, then an orderly stop.
-async fn load(backends: Vec<Backend>, engines: Vec<Arc<Engine>>, seed: u64, secs: f64) {
+async fn load(
+    backends: Vec<Backend>,
+    engines: Vec<Arc<Engine>>,
+    parts: Vec<Part>,
+    seed: u64,
+    secs: f64,
+) {
     let mut tasks = Tasks(Vec::new());
     let mut pools = Vec::new();
+    let on = |p: Part| parts.contains(&p);
     for (i, (&b, engine)) in backends.iter().zip(engines).enumerate() {
         let s = seed.wrapping_add(1000 * i as u64);
-        for k in 0..2 {
-            tasks.spawn(format!("{b} typed task-to-task {k}"), |beat| {
-                channels::task_traffic(b, true, s + k, beat)
-            });
+        if on(Part::Tasks) {
+            tasks_part(&mut tasks, b, s);
         }
-        tasks.spawn(format!("{b} bytes task-to-task"), |beat| {
-            channels::task_traffic(b, false, s + 10, beat)
-        });
-        tasks.spawn(format!("{b} echo child"), |beat| async move {
-            if let Err(e) = channels::echo_child_traffic(b, s + 20, beat).await {
-                anomaly(format!("echo child on {b}: {e}"));
-            }
-        });
-        tasks.spawn(format!("{b} engine echo"), |beat| {
-            channels::engine_traffic(engine, s + 30, beat)
-        });
-        for k in 0..2 {
-            tasks.spawn(format!("{b} child churn {k}"), |beat| {
-                children::churn(b, s + 40 + k, beat)
-            });
-        }
-        match pool_load::build(b).await {
-            Ok(pool) => {
-                for k in 0..3 {
-                    let p = pool.clone();
-                    tasks.spawn(format!("{b} pool caller {k}"), |beat| {
-                        pool_load::caller(p, s + 50 + k, beat)
-                    });
+        if on(Part::Echo) {
+            tasks.spawn(format!("{b} echo child"), |beat| async move {
+                if let Err(e) = channels::echo_child_traffic(b, s + 20, beat).await {
+                    anomaly(format!("echo child on {b}: {e}"));
                 }
-                let p = pool.clone();
-                tasks.spawn(format!("{b} pool killer"), |beat| {
-                    pool_load::killer(p, s + 60, beat)
+            });
+        }
+        if on(Part::Engine) {
+            tasks.spawn(format!("{b} engine echo"), |beat| {
+                channels::engine_traffic(engine, s + 30, beat)
+            });
+        }
+        if on(Part::Children) {
+            for k in 0..2 {
+                tasks.spawn(format!("{b} child churn {k}"), |beat| {
+                    children::churn(b, s + 40 + k, beat)
                 });
-                pools.push((pool, b));
             }
-            Err(e) => anomaly(format!("pool on {b}: {e}")),
+        }
+        if on(Part::Pool) {
+            match pool_load::build(b).await {
+                Ok(pool) => {
+                    for k in 0..3 {
+                        let p = pool.clone();
+                        tasks.spawn(format!("{b} pool caller {k}"), |beat| {
+                            pool_load::caller(p, s + 50 + k, beat)
+                        });
+                    }
+                    let p = pool.clone();
+                    tasks.spawn(format!("{b} pool killer"), |beat| {
+                        pool_load::killer(p, s + 60, beat)
+                    });
+                    pools.push((pool, b));
+                }
+                Err(e) => anomaly(format!("pool on {b}: {e}")),
+            }
         }
     }
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
@@ -314,6 +347,18 @@ async fn load(backends: Vec<Backend>, engines: Vec<Arc<Engine>>, seed: u64, secs
             anomaly("hang: pool shutdown took over 30 s".into());
         }
     }
+}
+
+/// Channels between tasks: two typed streams and one bytes stream.
+fn tasks_part(tasks: &mut Tasks, b: Backend, s: u64) {
+    for k in 0..2 {
+        tasks.spawn(format!("{b} typed task-to-task {k}"), |beat| {
+            channels::task_traffic(b, true, s + k, beat)
+        });
+    }
+    tasks.spawn(format!("{b} bytes task-to-task"), |beat| {
+        channels::task_traffic(b, false, s + 10, beat)
+    });
 }
 
 /// Reads the resources until every metric that must return to its
@@ -427,7 +472,13 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(load(backends, engines.clone(), seed, secs));
+    rt.block_on(load(
+        backends,
+        engines.clone(),
+        args.only.clone(),
+        seed,
+        secs,
+    ));
     rt.shutdown_timeout(Duration::from_secs(10));
     // Joins the engines' core threads.
     drop(engines);
