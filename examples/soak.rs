@@ -16,8 +16,9 @@
 //! zombie children; at the end it compares the first and last windows of
 //! the load (and the counts after everything was joined with those before
 //! the load) and exits non-zero unless every metric stayed flat, no loop
-//! stalled and no anomaly was seen. The rule is in `soak/probe.rs`
-//! (`verdict`) and docs/testing.md.
+//! stalled and no anomaly was seen (memory windows are judged in runs of
+//! three minutes or more: memory warms up for minutes). The rule is in
+//! `soak/probe.rs` (`verdict`) and docs/testing.md.
 
 // `cargo test --example soak` runs the verdict's unit tests, without main.
 #![cfg_attr(test, allow(dead_code))]
@@ -526,6 +527,7 @@ fn report(
             );
             probe::verdict(
                 metric,
+                secs,
                 baseline.metrics()[i].1,
                 first,
                 last,
@@ -570,7 +572,11 @@ fn report(
             v.trend_per_min,
             v.end,
             match &v.why {
-                None => "flat".to_string(),
+                None if v.judged => "flat".to_string(),
+                None => format!(
+                    "flat at the end; windows not judged (memory, run under {:.0} min)",
+                    probe::MEMORY_JUDGED_FROM / 60.0
+                ),
                 Some(why) => format!("NOT FLAT: {why}"),
             }
         );

@@ -56,6 +56,9 @@ impl Resources {
     }
 }
 
+/// Runs shorter than this (seconds of load) do not judge memory windows.
+pub const MEMORY_JUDGED_FROM: f64 = 180.0;
+
 /// A watched metric and its flatness rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Metric {
@@ -109,12 +112,19 @@ impl Metric {
 
     /// Whether, once every task, child and pool has been joined and the
     /// runtime dropped, the metric must equal its value before the load.
+    /// Memory warms up for minutes (buffers and tables grow to what the
+    /// random load needs), so its windows are judged only in runs of at
+    /// least [`MEMORY_JUDGED_FROM`] seconds.
+    pub fn is_memory(self) -> bool {
+        matches!(self, Metric::Rss | Metric::Heap | Metric::Mappings)
+    }
+
     /// Memory never returns exactly: the allocator keeps what it grew
     /// (including heaps it made for threads that have exited), and
     /// process-wide state made on first use (the backend probe, tracing's
     /// callsite registry, the pool's code offsets) stays.
     pub fn back_to_baseline(self) -> bool {
-        !matches!(self, Metric::Rss | Metric::Heap | Metric::Mappings)
+        !self.is_memory()
     }
 }
 
@@ -302,6 +312,8 @@ pub struct Verdict {
     pub end: u64,
     /// The last window's mean may be at most this.
     pub limit: f64,
+    /// Whether the windows were judged (memory in a short run is not).
+    pub judged: bool,
     /// Flat by the rule.
     pub flat: bool,
     /// Why not, if not.
@@ -309,10 +321,13 @@ pub struct Verdict {
 }
 
 /// Applies the rule: the last window's mean is at most the first's plus
-/// 10% plus the metric's slack; and, for every metric but RSS, the value
-/// at the end equals the baseline.
+/// 10% plus the metric's slack (for memory, only in a run of `secs` of
+/// at least [`MEMORY_JUDGED_FROM`]); and, for every metric but memory, the
+/// value at the end equals the baseline.
+#[allow(clippy::too_many_arguments)]
 pub fn verdict(
     metric: Metric,
+    secs: f64,
     baseline: u64,
     first: Window,
     last: Window,
@@ -321,8 +336,9 @@ pub fn verdict(
     trend_per_min: f64,
 ) -> Verdict {
     let limit = first.mean * 1.10 + metric.slack();
+    let judged = !metric.is_memory() || secs >= MEMORY_JUDGED_FROM;
     let mut why = Vec::new();
-    if last.mean > limit {
+    if judged && last.mean > limit {
         why.push(format!(
             "last-window mean {:.1} > limit {limit:.1} (first-window mean {:.1} + 10% + {})",
             last.mean,
@@ -342,6 +358,7 @@ pub fn verdict(
         trend_per_min,
         end,
         limit,
+        judged,
         flat: why.is_empty(),
         why: (!why.is_empty()).then(|| why.join("; ")),
     }
@@ -355,17 +372,31 @@ mod tests {
         Window::of(values.iter().copied())
     }
 
+    /// Judges `first` then `last` window means of `metric` in a run of
+    /// `secs`, with `end` against a baseline of `baseline`.
+    fn judge(
+        metric: Metric,
+        secs: f64,
+        first: &[u64],
+        last: &[u64],
+        baseline: u64,
+        end: u64,
+    ) -> Verdict {
+        verdict(
+            metric,
+            secs,
+            baseline,
+            window(first),
+            window(last),
+            0,
+            end,
+            0.0,
+        )
+    }
+
     #[test]
     fn flat_within_ten_percent_and_slack() {
-        let v = verdict(
-            Metric::Fds,
-            7,
-            window(&[100, 110]),
-            window(&[120, 122]),
-            122,
-            7,
-            0.0,
-        );
+        let v = judge(Metric::Fds, 30.0, &[100, 110], &[120, 122], 7, 7);
         // 105 * 1.1 + 8 = 123.5
         assert!(v.flat, "{v:?}");
         assert!((v.limit - 123.5).abs() < 1e-9);
@@ -373,37 +404,27 @@ mod tests {
 
     #[test]
     fn growth_past_the_limit_is_not_flat() {
-        let v = verdict(
-            Metric::Rss,
-            0,
-            window(&[10_000]),
-            window(&[15_200]),
-            15_200,
-            0,
-            0.0,
-        );
         // 10_000 * 1.1 + 4096 = 15_096
-        assert!(!v.flat);
+        let v = judge(Metric::Rss, 600.0, &[10_000], &[15_200], 0, 0);
+        assert!(!v.flat && v.judged);
         assert!(v.why.unwrap().contains("last-window mean"));
+        // Memory still warms up in a short run: its windows are not judged.
+        let short = judge(Metric::Rss, 30.0, &[10_000], &[15_200], 0, 0);
+        assert!(short.flat && !short.judged);
+        // Counts are judged in any run.
+        let fds = judge(Metric::Fds, 30.0, &[100], &[200], 7, 7);
+        assert!(!fds.flat && fds.judged);
     }
 
     #[test]
     fn counts_must_return_to_baseline() {
-        let v = verdict(Metric::Fds, 7, window(&[100]), window(&[100]), 100, 8, 0.0);
+        let v = judge(Metric::Fds, 600.0, &[100], &[100], 7, 8);
         assert!(!v.flat);
         assert!(v.why.unwrap().contains("8 at the end, 7 before"));
-        let z = verdict(Metric::Zombies, 0, window(&[1]), window(&[1]), 3, 1, 0.0);
+        let z = judge(Metric::Zombies, 30.0, &[1], &[1], 0, 1);
         assert!(!z.flat);
         // Memory is judged by the windows only.
-        let r = verdict(
-            Metric::Heap,
-            30,
-            window(&[5000]),
-            window(&[5000]),
-            5000,
-            150,
-            0.0,
-        );
+        let r = judge(Metric::Heap, 600.0, &[5000], &[5000], 30, 150);
         assert!(r.flat);
     }
 
