@@ -91,6 +91,14 @@ fn layout(data_len: usize) -> (usize, usize) {
     (cap, data_off)
 }
 
+/// The size check of an inherited arena's data area.
+fn check_data_len(data_len: usize) -> Result<()> {
+    if data_len == 0 || !data_len.is_multiple_of(SLOT_ALIGN) || data_len > 1 << 40 {
+        return Err(protocol("inherited arena has an invalid size"));
+    }
+    Ok(())
+}
+
 impl Arena {
     /// A new arena with `data_len` bytes of slots (rounded to whole slots).
     pub(crate) fn create(data_len: usize) -> Result<Arc<Arena>> {
@@ -135,9 +143,7 @@ impl Arena {
     /// what the handle's state says and be sealed, so the peer cannot shrink
     /// it under the mapping (an access past the end would be SIGBUS).
     pub(crate) fn import(memfd: OwnedFd, data_len: usize) -> Result<Arc<Arena>> {
-        if data_len == 0 || !data_len.is_multiple_of(SLOT_ALIGN) || data_len > 1 << 40 {
-            return Err(protocol("inherited arena has an invalid size"));
-        }
+        check_data_len(data_len)?;
         let (cap, data_off) = layout(data_len);
         let total = data_off + data_len;
         let (size, sealed) =
@@ -399,13 +405,9 @@ impl SendArena {
     }
 
     pub(crate) fn import(memfd: OwnedFd, notify: OwnedFd, st: &SendExport) -> Result<SendArena> {
+        // The state is checked before the memfd is mapped.
+        let slots = SendArena::lent_slots(st)?;
         let arena = Arena::import(memfd, st.data_len as usize)?;
-        let mut slots = Slots::new(arena.data_len);
-        for &(o, l, s) in &st.lent {
-            if !slots.take_at(o as usize, l as usize, s) {
-                return Err(protocol("inherited arena state has overlapping slots"));
-            }
-        }
         Ok(SendArena {
             arena,
             notify: Notify::new(notify).map_err(|e| Error::io("arena notify", e))?,
@@ -414,6 +416,23 @@ impl SendArena {
             tail: st.tail,
             threshold: st.threshold as usize,
         })
+    }
+
+    /// The slot table an inherited sender state describes: its whole data
+    /// area, less the slots lent to the receiver.
+    pub(crate) fn lent_slots(st: &SendExport) -> Result<Slots> {
+        let data_len = usize::try_from(st.data_len).unwrap_or(usize::MAX);
+        check_data_len(data_len)?;
+        let mut slots = Slots::new(data_len);
+        for &(o, l, s) in &st.lent {
+            let (Ok(o), Ok(l)) = (usize::try_from(o), usize::try_from(l)) else {
+                return Err(protocol("inherited arena state has a slot out of range"));
+            };
+            if !slots.take_at(o, l, s) {
+                return Err(protocol("inherited arena state has overlapping slots"));
+            }
+        }
+        Ok(slots)
     }
 
     /// Takes every slot the receiver gave back since the last call.
@@ -488,7 +507,14 @@ impl Slots {
     /// Records `[offset, offset+len)` (rounded) as lent wherever it lies in a
     /// free extent. Used to rebuild a handed-over sender's allocator.
     pub fn take_at(&mut self, offset: usize, len: usize, seq: u64) -> bool {
-        let need = len.max(1).next_multiple_of(SLOT_ALIGN);
+        // The table comes from another process: a slot off the slot grid
+        // or of a length that overflows is refused, not taken.
+        let Some(need) = len.max(1).checked_next_multiple_of(SLOT_ALIGN) else {
+            return false;
+        };
+        if !offset.is_multiple_of(SLOT_ALIGN) {
+            return false;
+        }
         let Some((&fo, &fl)) = self.free.range(..=offset).next_back() else {
             return false;
         };
@@ -830,6 +856,19 @@ mod tests {
             prop_assert_eq!(&a.free, &b.free);
             prop_assert_eq!(&a.lent, &b.lent);
         }
+    }
+
+    /// Found by fuzz/child_spec: an inherited sender state lending a slot
+    /// off the slot grid was accepted (the table then handed out unaligned
+    /// slots the receiver refuses), and a length near `usize::MAX`
+    /// overflowed.
+    #[test]
+    fn take_at_refuses_unaligned_and_overflowing_slots() {
+        let mut s = Slots::new(16 * SLOT_ALIGN);
+        assert!(!s.take_at(SLOT_ALIGN + 1024, 10, 0));
+        assert!(!s.take_at(0, usize::MAX - 10, 0));
+        assert_eq!(s.largest(), Some((0, 16 * SLOT_ALIGN)));
+        assert!(s.take_at(SLOT_ALIGN, 10, 0));
     }
 
     #[test]

@@ -76,6 +76,10 @@ mod process;
 mod sys;
 mod wire;
 
+#[doc(hidden)]
+#[path = "fuzz_entry.rs"]
+pub mod __fuzz;
+
 pub use backend::{Backend, process_default as default_backend, uring_probe};
 pub use channel::{
     BytesReceiver, BytesSender, ChannelConfig, Duplex, Receiver, Sender, bytes_pipe, duplex, pipe,

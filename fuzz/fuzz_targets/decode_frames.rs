@@ -21,13 +21,29 @@
 //! 2. As a program for a writer: push messages, write part of the pending
 //!    bytes, lend the buffer to a simulated kernel write and push while it is
 //!    lent, or hand the encoder's state to a fresh one (`Encoder::resume`).
-//!    The bytes written must decode, under the same chunking and hand-offs,
-//!    to exactly the messages that were accepted.
+//!    The bytes written must be exactly the frames of the accepted messages
+//!    (checked against the format, not against another encoder), and must
+//!    decode, under the same chunking and hand-offs, to exactly those
+//!    messages.
+//!
+//! Cost per input is kept small, since every run pays it: generated
+//! messages are slices of one pseudo-random pattern (nothing is generated or
+//! copied per input), most are at most 8 KiB in all, at most two per input
+//! are large (60–68 KiB: the decoder's large-frame path, the encoder's
+//! compaction), and hand-overs are capped. Profiled before: an input
+//! generated, copied and compared up to 256 KiB of messages several times,
+//! and under ASan most of the time went to growing and faulting in those
+//! buffers.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringipc::framing::{Decoder, Encoder, FrameError, HEADER_LEN, HELLO_LEN, READ_CHUNK, padded};
+use ringipc::framing::{
+    Decoder, Encoder, FrameError, FrameKind, HEADER_LEN, HELLO_LEN, READ_CHUNK, header,
+    hello_frame, padded,
+};
+use std::cell::Cell;
+use std::sync::LazyLock;
 
 const MAX_FRAME_LIMIT: u32 = 64 * 1024;
 
@@ -43,24 +59,24 @@ fuzz_target!(|data: &[u8]| {
         handoff: head[7],
     };
 
-    let chunked = decode(body, max, &schedule);
-    let whole = decode(body, max, &Schedule::WHOLE);
-    // Not assert_eq: the frames can be megabytes of Debug output.
+    let mut chunked = Vec::new();
+    let chunked_end = decode(body, max, &schedule, &mut |f| chunked.push(f.to_vec()));
+    let mut whole = Vec::new();
+    let whole_end = decode(body, max, &Schedule::WHOLE, &mut |f| whole.push(f.to_vec()));
+    // Not assert_eq: the frames can be kilobytes of Debug output.
     assert!(
-        chunked == whole,
-        "outcome depends on how the stream was split: {} frames then {:?}, \
-         but {} frames then {:?} in one piece",
-        chunked.frames.len(),
-        chunked.end,
-        whole.frames.len(),
-        whole.end,
+        chunked == whole && chunked_end == whole_end,
+        "outcome depends on how the stream was split: {} frames then {chunked_end:?}, \
+         but {} frames then {whole_end:?} in one piece",
+        chunked.len(),
+        whole.len(),
     );
 
     round_trip(body, max, &schedule);
 });
 
 /// How many chunks follow the schedule.
-const SCHEDULED_CHUNKS: usize = 512;
+const SCHEDULED_CHUNKS: usize = 128;
 
 /// How a stream reaches the decoder: chunk sizes, cycled, and after which of
 /// the first eight chunks the decoder is handed over. The size mapping covers
@@ -114,22 +130,23 @@ impl Schedule {
     }
 }
 
-#[derive(Debug, PartialEq)]
-struct Outcome {
-    frames: Vec<Vec<u8>>,
-    end: FrameError,
-}
-
 /// Largest frame on the wire: header plus padded payload. The decoder accepts
 /// a hello payload even when the data limit is smaller.
 fn frame_bound(max: usize) -> usize {
     HEADER_LEN + padded(max.max(HELLO_LEN))
 }
 
-fn decode(stream: &[u8], max: usize, schedule: &Schedule) -> Outcome {
+/// Feeds `stream` to a decoder as `schedule` says, passes every payload to
+/// `on_frame` in order, and returns how the stream ended (an error, or
+/// `Closed` / `Truncated` at its end).
+fn decode(
+    stream: &[u8],
+    max: usize,
+    schedule: &Schedule,
+    on_frame: &mut dyn FnMut(&[u8]),
+) -> FrameError {
     let mut d = Decoder::new(max);
     assert_eq!(d.max_frame(), max);
-    let mut frames = Vec::new();
     for (i, chunk) in schedule.chunks(stream).enumerate() {
         d.feed(chunk);
         if schedule.hand_off_after(i) {
@@ -146,11 +163,11 @@ fn decode(stream: &[u8], max: usize, schedule: &Schedule) -> Outcome {
             "decoder holds {} bytes, bound {bound}",
             d.buffer().len()
         );
-        if let Err(e) = drain(&mut d, max, &mut frames) {
+        if let Err(e) = drain(&mut d, max, on_frame) {
             assert!(d.is_done());
             assert_eq!(d.next_frame(), Err(e.clone()), "error is not sticky");
             assert_eq!(d.eof(), e, "eof after an error must report that error");
-            return Outcome { frames, end: e };
+            return e;
         }
     }
     let end = d.eof();
@@ -164,7 +181,7 @@ fn decode(stream: &[u8], max: usize, schedule: &Schedule) -> Outcome {
     }
     assert!(d.is_done());
     assert_eq!(d.next_frame(), Err(end.clone()), "eof is not sticky");
-    Outcome { frames, end }
+    end
 }
 
 /// Moves a decoder's state to a new one, as a receiver handed to a child
@@ -179,7 +196,7 @@ fn hand_off_decoder(d: &Decoder, max: usize) -> Decoder {
     resumed
 }
 
-fn drain(d: &mut Decoder, max: usize, out: &mut Vec<Vec<u8>>) -> Result<(), FrameError> {
+fn drain(d: &mut Decoder, max: usize, on_frame: &mut dyn FnMut(&[u8])) -> Result<(), FrameError> {
     while let Some(r) = d.next_frame()? {
         let buf = d.buffer();
         assert!(
@@ -199,21 +216,49 @@ fn drain(d: &mut Decoder, max: usize, out: &mut Vec<Vec<u8>>) -> Result<(), Fram
             0,
             "payload address misaligned"
         );
-        out.push(payload.to_vec());
+        on_frame(payload);
     }
     Ok(())
 }
 
-/// Generated message bytes per input: enough to pass the encoder's 64 KiB
-/// compaction threshold and several decoder reads, small enough to keep
-/// thousands of runs a second.
-const GENERATED_BUDGET: usize = 256 * 1024;
+/// Generated messages are cut from this many pseudo-random bytes.
+const PATTERN_LEN: usize = 256 * 257 + LARGE_MAX;
+
+/// Pseudo-random bytes that generated messages are slices of (no per-input
+/// generation or allocation). Each byte depends on its position, so a
+/// payload that was moved, cut or mixed with another no longer compares
+/// equal.
+static PATTERN: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..PATTERN_LEN)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+});
+
+/// Bytes of medium generated messages (1 to 15 KiB) allowed per input.
+const MEDIUM_BUDGET: usize = 8 * 1024;
+/// Large generated messages allowed per input. Two are enough to pass the
+/// encoder's 64 KiB compaction threshold, to grow the decoder's read size to
+/// `READ_CHUNK` and to reach its large-frame path (frames over `READ_CHUNK`),
+/// and each costs tens of microseconds, so they stay rare.
+const MAX_LARGE: usize = 2;
+/// Sizes of large messages: around `READ_CHUNK`, and around the largest
+/// data limit the header can choose (`MAX_FRAME_LIMIT`).
+const LARGE_MIN: usize = READ_CHUNK - 4096;
+const LARGE_MAX: usize = LARGE_MIN + 255 * 32;
 
 /// Reads the body as a writer's program.
 struct Cursor<'a> {
     input: &'a [u8],
-    /// Generated message bytes still allowed.
+    /// Medium generated bytes still allowed.
     budget: usize,
+    /// Large generated messages still allowed.
+    large: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -229,22 +274,32 @@ impl<'a> Cursor<'a> {
         a
     }
 
-    /// A message: up to 239 literal bytes, or a generated one of up to
-    /// 16 * 4099 bytes (so that large frames, frames over the limit and the
-    /// buffers' compaction paths are reachable from small inputs).
-    fn message(&mut self) -> Option<Vec<u8>> {
+    /// A message: up to 239 literal bytes (`l < 0xf0`), a generated one of
+    /// `(l - 0xef) * 1031` bytes (1 to 15 KiB: frames that straddle reads and
+    /// the data limit), or for `l == 0xff` a large one of 60 to 68 KiB. The
+    /// byte after a generated length picks its bytes in `PATTERN`. Past the
+    /// per-input budgets, generated messages are empty.
+    fn message(&mut self) -> Option<&'a [u8]> {
         let l = self.byte()?;
         if l < 0xf0 {
-            return Some(self.take(l as usize).to_vec());
+            return Some(self.take(l as usize));
         }
-        let len = ((l as usize - 0xef) * 4099).min(self.budget);
-        self.budget -= len;
-        let seed = self.byte().unwrap_or(0);
-        Some(
-            (0..len)
-                .map(|i| (i as u8).wrapping_mul(seed | 1) ^ (i >> 8) as u8)
-                .collect(),
-        )
+        let len = if l == 0xff {
+            let k = self.byte().unwrap_or(0) as usize;
+            if self.large == 0 {
+                0
+            } else {
+                self.large -= 1;
+                LARGE_MIN + k * 32
+            }
+        } else {
+            let len = ((l as usize - 0xef) * 521).min(self.budget);
+            self.budget -= len;
+            len
+        };
+        let seed = self.byte().unwrap_or(0) as usize;
+        let pattern: &'static [u8] = &PATTERN;
+        Some(&pattern[seed * 257..][..len])
     }
 
     /// How many bytes a simulated write takes.
@@ -253,26 +308,30 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Hand-overs per input. Each copies every unsent byte (up to the whole
-/// generated budget), so without a cap one input of a few KiB could copy
-/// over 100 MB and the target ran at a few hundred inputs per second.
-const MAX_HANDOFFS: usize = 16;
+/// Hand-overs per input, and bytes they may copy. Each copies every unsent
+/// byte (twice: out of the old encoder, into the new one), so without a cap
+/// one input of a few KiB could copy over 100 MB. The byte cap still lets a
+/// large frame be handed over unsent.
+const MAX_HANDOFFS: usize = 8;
+const HANDOFF_BYTES: usize = 160 * 1024;
 
-struct Writer {
+struct Writer<'a> {
     enc: Encoder,
     max: usize,
     /// Hand-overs done so far (at most `MAX_HANDOFFS`).
     handoffs: usize,
+    /// Bytes they copied (a hand-over starts only below `HANDOFF_BYTES`).
+    handoff_bytes: usize,
     /// What reached the "pipe".
     stream: Vec<u8>,
     /// Messages the encoder accepted, in order.
-    accepted: Vec<Vec<u8>>,
+    accepted: Vec<&'a [u8]>,
 }
 
-impl Writer {
-    fn push(&mut self, msg: Vec<u8>) {
+impl<'a> Writer<'a> {
+    fn push(&mut self, msg: &'a [u8]) {
         let queued = self.enc.queued();
-        match self.enc.push(&msg) {
+        match self.enc.push(msg) {
             Ok(()) => {
                 assert!(
                     msg.len() <= self.max,
@@ -301,12 +360,17 @@ impl Writer {
         }
     }
 
+    fn may_hand_off(&self) -> bool {
+        self.handoffs < MAX_HANDOFFS && self.handoff_bytes < HANDOFF_BYTES
+    }
+
     /// Moves the encoder's state to a new one, as a sender handed to a child
     /// process does. `lent` is a settled kernel write: the buffer it owned
     /// and how many bytes it wrote.
     fn hand_off(&mut self, lent: Option<(&[u8], usize)>) {
         self.handoffs += 1;
         let unsent = self.enc.unsent(lent);
+        self.handoff_bytes += unsent.len();
         if lent.is_none() {
             assert_eq!(unsent.len(), self.enc.queued());
         }
@@ -330,12 +394,14 @@ fn round_trip(body: &[u8], max: usize, schedule: &Schedule) {
         enc: Encoder::new(max),
         max,
         handoffs: 0,
-        stream: Vec::new(),
+        handoff_bytes: 0,
+        stream: STREAM.take(),
         accepted: Vec::new(),
     };
     let mut cur = Cursor {
         input: body,
-        budget: GENERATED_BUDGET,
+        budget: MEDIUM_BUDGET,
+        large: MAX_LARGE,
     };
     while let Some(op) = cur.byte() {
         match op & 7 {
@@ -361,7 +427,7 @@ fn round_trip(body: &[u8], max: usize, schedule: &Schedule) {
                         w.push(m);
                     }
                 }
-                if op & 0x20 != 0 && w.handoffs < MAX_HANDOFFS {
+                if op & 0x20 != 0 && w.may_hand_off() {
                     // Handed over once the write settled, before the buffer
                     // came back.
                     w.hand_off(Some((&buf, n)));
@@ -370,7 +436,7 @@ fn round_trip(body: &[u8], max: usize, schedule: &Schedule) {
                     w.enc.advance(n);
                 }
             }
-            _ if w.handoffs < MAX_HANDOFFS => w.hand_off(None),
+            _ if w.may_hand_off() => w.hand_off(None),
             _ => {}
         }
     }
@@ -380,20 +446,61 @@ fn round_trip(body: &[u8], max: usize, schedule: &Schedule) {
     assert_eq!(w.enc.queued(), 0);
 
     // How the writes were interleaved must not show in the bytes.
-    let mut reference = Encoder::new(max);
-    for m in &w.accepted {
-        reference.push(m).expect("accepted once, accepted again");
-    }
-    assert!(
-        w.stream == reference.pending(),
-        "stream depends on write pattern"
-    );
+    check_stream(&w.stream, &w.accepted);
     assert_eq!(w.stream.len() % 16, 0);
 
-    let out = decode(&w.stream, max, schedule);
-    assert_eq!(out.end, FrameError::Closed);
+    let mut sent = w.accepted.iter();
+    let end = decode(&w.stream, max, schedule, &mut |frame| {
+        let want = sent.next().expect("decoded more messages than were sent");
+        assert!(frame == *want, "decoded message differs from sent");
+    });
+    assert_eq!(end, FrameError::Closed);
     assert!(
-        out.frames == w.accepted,
-        "decoded messages differ from sent"
+        sent.next().is_none(),
+        "decoded fewer messages than were sent"
+    );
+
+    // Keep the stream's allocation for the next input.
+    let mut stream = w.stream;
+    stream.clear();
+    STREAM.set(stream);
+}
+
+thread_local! {
+    /// The written stream's buffer, reused from input to input: growing a
+    /// fresh one to a few hundred KiB for every input cost more (under ASan)
+    /// than the framing under test.
+    static STREAM: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Checks a written stream against the format, independently of the
+/// encoder: the hello frame (once anything was accepted), then for each
+/// message a data header, the payload and zero padding, and nothing else.
+fn check_stream(stream: &[u8], sent: &[&[u8]]) {
+    let mut rest = stream;
+    if !sent.is_empty() {
+        let hello = hello_frame();
+        assert!(rest.starts_with(&hello), "stream does not start with hello");
+        rest = &rest[hello.len()..];
+    }
+    for (i, m) in sent.iter().enumerate() {
+        let frame = HEADER_LEN + padded(m.len());
+        assert!(rest.len() >= frame, "stream ends inside message {i}");
+        assert!(
+            rest[..HEADER_LEN] == header(FrameKind::Data, m.len() as u32),
+            "header of message {i} is wrong"
+        );
+        let (payload, pad) = rest[HEADER_LEN..frame].split_at(m.len());
+        assert!(payload == *m, "payload of message {i} differs from sent");
+        assert!(
+            pad.iter().all(|&b| b == 0),
+            "padding of message {i} not zero"
+        );
+        rest = &rest[frame..];
+    }
+    assert!(
+        rest.is_empty(),
+        "{} bytes after the last message",
+        rest.len()
     );
 }

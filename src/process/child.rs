@@ -3,10 +3,9 @@
 
 use super::forkserver::{self, StartMode};
 use super::handoff;
-use super::spec::{ArchivedSpec, CHILD_ENV, Outcome, Spec};
+use super::spec::{self, ArchivedSpec, CHILD_ENV, Outcome, Spec};
 use crate::framing::Encoder;
 use crate::sys;
-use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -161,8 +160,7 @@ pub(crate) fn child_spec_fd(value: Option<std::ffi::OsString>, secure: bool) -> 
 
 fn run(spec_fd: RawFd) -> Result<i32, String> {
     let bytes = read_spec(spec_fd)?;
-    let spec = rkyv::access::<ArchivedSpec, rancor::Error>(&bytes)
-        .map_err(|e| format!("invalid start spec: {e}"))?;
+    let spec = spec::read(&bytes)?;
 
     let control_fd = spec.control_fd.to_native();
     let fds: Vec<RawFd> = spec.fds.iter().map(|f| f.to_native()).collect();
@@ -212,7 +210,7 @@ pub(super) fn run_spec(
         }
     }
     if !spec.cpus.is_empty() {
-        let cpus: Vec<usize> = spec.cpus.iter().map(|c| c.to_native() as usize).collect();
+        let cpus = spec.cpu_list();
         sys::set_affinity(&sys::cpu_set(&cpus))
             .map_err(|e| format!("pinning to cores {cpus:?}: {e}"))?;
     }

@@ -21,9 +21,8 @@
 //! warning.
 
 use super::child::{self, EXIT_START_FAILED};
-use super::spec::ArchivedSpec;
+use super::spec;
 use crate::sys;
-use rkyv::rancor;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
@@ -422,24 +421,14 @@ fn forked(mask: u32, fds: Vec<OwnedFd>) -> Result<i32, String> {
     let mut keep = handles.clone();
     keep.push(control);
     sys::close_fds_except(&keep);
-    let spec = rkyv::access::<ArchivedSpec, rancor::Error>(&bytes)
-        .map_err(|e| format!("invalid start spec: {e}"))?;
-    if let Some(env) = spec.env.as_ref() {
+    let spec = spec::read(&bytes)?;
+    if let Some(vars) = spec.env_vars() {
         // SAFETY: this process has one thread (a fork of the single-threaded
         // server), so nothing reads the environment concurrently.
         unsafe {
             libc::clearenv();
-            for kv in env.iter() {
-                let kv: &[u8] = kv.as_slice();
-                if let Some(eq) = kv.iter().position(|&b| b == b'=')
-                    && eq > 0
-                {
-                    use std::os::unix::ffi::OsStrExt;
-                    std::env::set_var(
-                        std::ffi::OsStr::from_bytes(&kv[..eq]),
-                        std::ffi::OsStr::from_bytes(&kv[eq + 1..]),
-                    );
-                }
+            for (key, value) in vars {
+                std::env::set_var(key, value);
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::framing::{Decoder, Encoder};
 use rkyv::rancor::{Fallible, Source};
 use rkyv::ser::{Allocator, Writer};
+use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Place, Serialize};
 use std::cell::RefCell;
 use std::os::fd::{OwnedFd, RawFd};
@@ -228,26 +229,107 @@ fn import(state: &ArchivedHandoffState, role: u8) -> Result<(Io, usize)> {
     Ok((io, state.max_frame.to_native() as usize))
 }
 
+/// A sender's arena state as the child reads it.
+fn send_export(a: &ArchivedArenaHandoff) -> SendExport {
+    SendExport {
+        data_len: a.data_len.to_native(),
+        threshold: a.threshold.to_native(),
+        next_seq: a.next_seq.to_native(),
+        tail: a.ring.to_native(),
+        lent: a
+            .lent
+            .iter()
+            .map(|t| (t.0.to_native(), t.1.to_native(), t.2.to_native()))
+            .collect(),
+    }
+}
+
 fn import_send(state: &ArchivedHandoffState) -> Result<SendHalf> {
     let (io, max) = import(state, ROLE_SEND)?;
     let mut half = SendHalf::resumed(io, Encoder::resume(max, state.started, &state.bytes));
     if let Some(a) = state.arena.as_ref() {
         let memfd = take_inherited(a.memfd.to_native())?;
         let notify = take_inherited(a.notify.to_native())?;
-        let st = SendExport {
-            data_len: a.data_len.to_native(),
-            threshold: a.threshold.to_native(),
-            next_seq: a.next_seq.to_native(),
-            tail: a.ring.to_native(),
-            lent: a
-                .lent
-                .iter()
-                .map(|t| (t.0.to_native(), t.1.to_native(), t.2.to_native()))
-                .collect(),
-        };
-        half.arena = Some(SendArena::import(memfd, notify, &st)?);
+        half.arena = Some(SendArena::import(memfd, notify, &send_export(a))?);
     }
     Ok(half)
+}
+
+/// What a child rebuilds from a handed-over state without taking an fd:
+/// the encoder or decoder resumed from the stream state, and a sender's
+/// table of slots lent to the receiver, which is checked before any fd is
+/// taken or mapped (`SendArena::import`). For the fuzz target
+/// (`crate::__fuzz::decode_handoff`).
+pub(crate) fn resume_without_fds(state: &ArchivedHandoffState) -> Result<ResumedState> {
+    let max = state.max_frame.to_native() as usize;
+    match state.role {
+        ROLE_SEND => {
+            let enc = Encoder::resume(max, state.started, &state.bytes);
+            let slots = match state.arena.as_ref() {
+                Some(a) => {
+                    let st = send_export(a);
+                    Some((SendArena::lent_slots(&st)?, st.data_len as usize))
+                }
+                None => None,
+            };
+            Ok(ResumedState::Send(enc, slots))
+        }
+        ROLE_RECV => Ok(ResumedState::Recv(Decoder::resume(
+            max,
+            state.started,
+            &state.bytes,
+        ))),
+        _ => Err(Error::new(
+            ErrorKind::Protocol,
+            "inherited handle has an unknown direction",
+        )),
+    }
+}
+
+/// Archived states like those a parent sends (a sender with bytes unsent
+/// and slots lent, a receiver with bytes undecoded), as fuzzing seeds.
+pub(crate) fn sample_states() -> Vec<AlignedVec<16>> {
+    let mut enc = Encoder::new(1 << 16);
+    for len in [0, 5, 100] {
+        enc.push(&vec![7; len]).expect("small frame");
+    }
+    let stream = enc.pending().to_vec();
+    let send = HandoffState {
+        index: 0,
+        role: ROLE_SEND,
+        max_frame: 1 << 16,
+        started: true,
+        bytes: stream[40..].to_vec(),
+        arena: Some(ArenaHandoff {
+            memfd: 1,
+            notify: 2,
+            data_len: 64 * 4096,
+            threshold: 32 << 10,
+            next_seq: 3,
+            ring: 1,
+            trusted: false,
+            lent: vec![(0, 5000, 1), (8192, 4096, 2), (40960, 100_000, 0)],
+        }),
+    };
+    let recv = HandoffState {
+        index: 3,
+        role: ROLE_RECV,
+        max_frame: 1 << 16,
+        started: false,
+        bytes: stream,
+        arena: None,
+    };
+    [send, recv]
+        .iter()
+        .map(|s| rkyv::to_bytes::<rkyv::rancor::Error>(s).expect("serializable"))
+        .collect()
+}
+
+/// See [`resume_without_fds`].
+pub(crate) enum ResumedState {
+    /// The encoder, and the slot table with the arena's data length.
+    Send(Encoder, Option<(arena::Slots, usize)>),
+    Recv(Decoder),
 }
 
 fn import_recv(state: &ArchivedHandoffState) -> Result<RecvHalf> {
