@@ -395,11 +395,25 @@ fn prime(backend: Backend) -> ringipc::Result<()> {
                 .backend(backend)
                 .start_mode(ringipc::StartMode::Exec)
                 .start()?;
-            p.join().await.map(drop)
+            p.join().await?;
+            // The reaper thread and its epoll fd (started by the first child
+            // dropped while alive) live as long as the process.
+            let nap = ringipc::Process::builder(nap)
+                .arg(())
+                .backend(backend)
+                .on_drop(ringipc::OnDrop::Detach)
+                .start()?;
+            drop(nap);
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            Ok(())
         })
     })
     .join()
     .expect("priming thread")
+}
+
+fn nap(_: ()) {
+    std::thread::sleep(Duration::from_millis(200));
 }
 
 #[derive(Serialize)]
@@ -441,7 +455,7 @@ fn main() -> ExitCode {
 
     // Process-lifetime state made before the baseline, so the end can be
     // compared with it exactly: the exec spawner thread (started by the
-    // first child started by re-exec).
+    // first child started by re-exec) and the reaper thread.
     if let Err(e) = prime(backends[0]) {
         eprintln!("soak: priming child: {e}");
         return ExitCode::from(2);
