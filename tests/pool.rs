@@ -750,6 +750,45 @@ fn pool_kill_and_restart_worker_by_index(b: Backend) {
     });
 }
 
+/// A graceful restart still waiting for its worker's job when the pool shuts
+/// down is answered `Closed`, not left hanging (the caller's own pool handle
+/// keeps the pool's state alive).
+fn pool_restart_worker_answers_when_shutdown_comes_first(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(1)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let job = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.call(5_000).await })
+        };
+        while pool.stats()[0].in_flight == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let restart = {
+            let p = pool.clone();
+            tokio::spawn(async move { p.restart_worker(0).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let e = pool
+            .shutdown_timeout(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        let e = tokio::time::timeout(Duration::from_secs(10), restart)
+            .await
+            .expect("restart_worker hung after the pool shut down")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+        let e = job.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+    });
+}
+
 /// A result for a job the worker was not running ends that worker instead
 /// of being ignored (or answering someone else's call).
 fn pool_rejects_a_result_for_another_job(b: Backend) {
@@ -828,6 +867,10 @@ fn main() {
         (
             "pool_kill_and_restart_worker_by_index",
             pool_kill_and_restart_worker_by_index,
+        ),
+        (
+            "pool_restart_worker_answers_when_shutdown_comes_first",
+            pool_restart_worker_answers_when_shutdown_comes_first,
         ),
         (
             "pool_rejects_a_result_for_another_job",

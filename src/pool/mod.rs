@@ -553,7 +553,16 @@ where
     async fn shutdown_inner(self, deadline: Option<Duration>) -> Result<()> {
         let inner = self.handle.inner.clone();
         let until = deadline.map(|d| tokio::time::Instant::now() + d);
-        inner.lock().closing = true;
+        {
+            let mut st = inner.lock();
+            st.closing = true;
+            // Restarts asked and not done will not happen: tell their
+            // callers now (a supervisor that sees the pool closing returns
+            // without starting a new worker).
+            for slot in &mut st.slots {
+                slot.refuse_restarts();
+            }
+        }
         // Callers waiting for room re-check and get Closed.
         inner.room.notify_waiters();
         let mut late = 0;
@@ -589,7 +598,7 @@ where
             return Err(Error::new(
                 ErrorKind::TimedOut,
                 format!(
-                    "pool shutdown: {late} jobs were still running after {:?}; their workers \
+                    "pool shutdown: {late} jobs were still running or queued after {:?}; their workers \
                      were killed",
                     deadline.unwrap_or_default()
                 ),
@@ -622,10 +631,15 @@ impl<J, R: Archive> Pool<J, R> {
     /// and the pool starts a new worker in its place. An index out of range
     /// is [`ErrorKind::InvalidArgument`]; a worker that could not be
     /// restarted earlier is [`ErrorKind::WorkerDied`].
+    ///
+    /// A worker that has already exited, or is being replaced, is not
+    /// killed again: the call returns `Ok` and its death keeps its own cause.
     pub fn kill_worker(&self, index: usize) -> Result<()> {
         let mut st = self.handle.inner.lock();
         let slot = Self::slot(&mut st, index)?;
-        slot.end(DeathCause::Killed);
+        if slot.process_alive() {
+            slot.end(DeathCause::Killed);
+        }
         Ok(())
     }
 

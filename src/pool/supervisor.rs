@@ -57,6 +57,9 @@ pub(super) struct Slot<R: Archive> {
     pub pidfd: Option<Arc<OwnedFd>>,
     /// Why the pool is ending this worker, once it decided to.
     pub ending: Option<DeathCause>,
+    /// The worker broke the protocol: nothing more it sends is believed,
+    /// whatever else was already ending it.
+    pub distrusted: bool,
     /// `restart_worker` was asked: no new jobs; once its jobs are done the
     /// worker's job pipe is closed, and the callers are answered when the
     /// new worker is up.
@@ -77,6 +80,7 @@ impl<R: Archive> Slot<R> {
             queue: None,
             pidfd: None,
             ending: None,
+            distrusted: false,
             restart_waiters: Vec::new(),
             dead: false,
             nudge: Arc::new(Notify::new()),
@@ -92,15 +96,19 @@ impl<R: Archive> Slot<R> {
         if self.jobs.len() >= max_in_flight {
             return false;
         }
-        if self
-            .pidfd
-            .as_ref()
-            .is_some_and(|fd| sys::pidfd_exited(fd.as_raw_fd()))
-        {
+        if !self.process_alive() {
             self.queue = None;
             return false;
         }
         true
+    }
+
+    /// Whether the worker process exists and has not exited (its pidfd is
+    /// readable once it has; no pidfd while it is being replaced).
+    pub fn process_alive(&self) -> bool {
+        self.pidfd
+            .as_ref()
+            .is_some_and(|fd| !sys::pidfd_exited(fd.as_raw_fd()))
     }
 
     /// When the front job's timeout runs out, if it has one.
@@ -119,6 +127,23 @@ impl<R: Archive> Slot<R> {
         if let Some(fd) = &self.pidfd {
             // ESRCH (already exited) is fine: it is ending either way.
             let _ = sys::pidfd_send_signal(fd.as_raw_fd(), libc::SIGKILL);
+        }
+    }
+
+    /// The worker sent something the protocol does not allow: end it, and
+    /// believe nothing more it sends.
+    fn broke_protocol(&mut self, why: String) {
+        self.distrusted = true;
+        self.end(DeathCause::Protocol(why));
+    }
+
+    /// The pool is shutting down: a restart that was asked will not happen.
+    pub fn refuse_restarts(&mut self) {
+        for w in self.restart_waiters.drain(..) {
+            let _ = w.send(Err(Error::new(
+                ErrorKind::Closed,
+                "the pool shut down before the worker was restarted",
+            )));
         }
     }
 
@@ -260,6 +285,7 @@ pub(super) fn install<R: Archive>(
     slot.pidfd = Some(pidfd);
     slot.stats.pid = pid;
     slot.ending = None;
+    slot.distrusted = false;
     slot.front_since = Instant::now();
     failed
 }
@@ -402,17 +428,16 @@ impl<R: Decode> Service<'_, R> {
         let w = self.w;
         let mut st = self.inner.lock();
         let slot = &mut st.slots[w];
-        if matches!(slot.ending, Some(DeathCause::Protocol(_))) {
+        if slot.distrusted {
             // Nothing more from a worker that broke the protocol is believed.
             return;
         }
         let Some((header, text)) = Header::read(frame.bytes()) else {
-            slot.end(DeathCause::Protocol("a short result frame".into()));
+            slot.broke_protocol("a short result frame".into());
             return;
         };
         if slot.jobs.front().is_none_or(|j| j.id != header.id) {
-            let why = format!("a result for job {} it was not running", header.id);
-            slot.end(DeathCause::Protocol(why));
+            slot.broke_protocol(format!("a result for job {} it was not running", header.id));
             return;
         }
         let job = slot.jobs.pop_front().expect("checked above");

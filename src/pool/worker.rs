@@ -1,7 +1,7 @@
 //! The worker side of a pool: the loop a worker child runs, and how the
 //! parent starts one.
 //!
-//! Frames (`docs/wire-format.md`, "Pool frames"): a job is a `wire::Header`
+//! Frames (`docs/wire-format.md`, "Crate frames"): a job is a `wire::Header`
 //! (the job's id) followed by the job's archive; a result is two frames, the
 //! value's archive (empty when there is none) and then a `wire::Header` (id,
 //! busy time, tag) followed by an error text if the job failed.
