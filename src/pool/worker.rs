@@ -143,7 +143,8 @@ where
     R: Encode,
 {
     // SAFETY: `handler` is the offset of a `fn(J) -> R` in this same binary,
-    // recorded by `Pool::builder` for exactly these J and R.
+    // taken by `Pool::builder` for exactly these J and R (made an offset by
+    // `PoolBuilder::build`).
     let f = unsafe { std::mem::transmute::<usize, fn(J) -> R>(Spec::resolve(args.handler)) };
     worker_loop(args, |job| {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(job)));
