@@ -69,6 +69,7 @@ mod backend;
 mod channel;
 mod engine;
 mod error;
+mod fd_channel;
 pub mod framing;
 mod message;
 mod pool;
@@ -86,6 +87,10 @@ pub use channel::{
 };
 pub use engine::{Engine, EngineBuilder};
 pub use error::{Error, ErrorKind, Result};
+pub use fd_channel::{
+    ArchivedFdChannelState, FdChannelConfig, FdChannelResolver, FdChannelState, FdReceiver,
+    FdSender, fd_channel,
+};
 pub use message::{Decode, Encode, Message, OwnedMessage};
 pub use pool::{DeathCause, MapResults, Pool, PoolBuilder, WorkerDeath, WorkerStats};
 pub use process::{

@@ -15,6 +15,15 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// The result of a libc call returning a byte count (or -1 and errno).
+pub(crate) fn cvt_isize(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// Creates a pipe whose both ends are close-on-exec: `(read end, write end)`.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     ignore_sigpipe();
@@ -355,6 +364,43 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     })?;
     // SAFETY: socketpair returned two new fds that nobody else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Asks for a send buffer of `bytes` (the kernel doubles it, and caps it at
+/// `net.core.wmem_max` for unprivileged processes).
+pub fn set_sndbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: `v` is a c_int that outlives the call, and its size is passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// A socket's `(domain, type)` (`SO_DOMAIN`, `SO_TYPE`).
+pub fn socket_kind(fd: RawFd) -> io::Result<(libc::c_int, libc::c_int)> {
+    let get = |opt| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are live and sized for a c_int option.
+        cvt(unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(v)
+    };
+    Ok((get(libc::SO_DOMAIN)?, get(libc::SO_TYPE)?))
 }
 
 /// A close-on-exec duplicate of `fd` at the lowest free number ≥ `min`.

@@ -5,6 +5,7 @@
 //! in a parent thread and used in an engine core, say): see
 //! [`RuntimeFd`](super::reactor::RuntimeFd).
 
+use super::msg::MsgBuf;
 use super::reactor::RuntimeFd;
 use crate::framing::{Decoder, Encoder};
 use crate::sys;
@@ -124,6 +125,88 @@ impl EpollIo {
                 Ok(n) => enc.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
+            }
+        }
+    }
+}
+
+/// A `SOCK_SEQPACKET` socket on the epoll backend: nonblocking
+/// `sendmsg`/`recvmsg` when tokio's reactor says it is ready.
+pub(crate) struct EpollSock {
+    fd: RuntimeFd,
+}
+
+impl EpollSock {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<EpollSock> {
+        sys::set_nonblocking(fd.as_raw_fd(), true)?;
+        Ok(EpollSock {
+            fd: RuntimeFd::new(fd, Interest::READABLE | Interest::WRITABLE),
+        })
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.raw().expect("an EpollSock always holds its fd")
+    }
+
+    /// Sends the datagram in `msg`, which stays there (a datagram is sent
+    /// whole or not at all, so a dropped future sends nothing).
+    pub(crate) fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<MsgBuf>>,
+    ) -> Poll<io::Result<usize>> {
+        let afd = self.fd.registered()?;
+        let Some(m) = msg.as_mut() else {
+            return Poll::Ready(Err(io::Error::other("no datagram to send")));
+        };
+        loop {
+            let mut guard = ready!(afd.poll_write_ready(cx))?;
+            match guard.try_io(|fd| {
+                // SAFETY: `m.hdr()` describes this MsgBuf's own live buffers.
+                sys::cvt_isize(unsafe {
+                    libc::sendmsg(
+                        fd.as_raw_fd(),
+                        m.hdr(),
+                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
+                })
+            }) {
+                Ok(Ok(n)) => return Poll::Ready(Ok(n)),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Receives one datagram into the buffer in `msg`; `Ok(n)` is its
+    /// length, 0 at end of stream.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<MsgBuf>>,
+    ) -> Poll<io::Result<usize>> {
+        let afd = self.fd.registered()?;
+        let Some(m) = msg.as_mut() else {
+            return Poll::Ready(Err(io::Error::other("no receive buffer")));
+        };
+        loop {
+            let mut guard = ready!(afd.poll_read_ready(cx))?;
+            m.rearm_recv();
+            match guard.try_io(|fd| {
+                // SAFETY: `m.hdr()` describes this MsgBuf's own live, writable buffers.
+                sys::cvt_isize(unsafe {
+                    libc::recvmsg(
+                        fd.as_raw_fd(),
+                        m.hdr(),
+                        libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+                    )
+                })
+            }) {
+                Ok(Ok(n)) => return Poll::Ready(Ok(n)),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
             }
         }
     }

@@ -12,6 +12,7 @@
 //!   complete, so a dropped future never loses track of what was written.
 
 pub(crate) mod epoll;
+pub(crate) mod msg;
 pub(crate) mod reactor;
 pub(crate) mod uring;
 
@@ -268,6 +269,83 @@ impl Io {
             Io::Uring(u) => u.write_now(enc),
             Io::Epoll(e) => e.write_now(enc),
             Io::Closed(_) => {}
+        }
+    }
+}
+
+/// A `SOCK_SEQPACKET` socket (datagrams with fds) on the backend chosen for it.
+pub(crate) enum SockIo {
+    Uring(uring::UringSock),
+    Epoll(epoll::EpollSock),
+}
+
+impl SockIo {
+    /// Adopts `fd` for `backend` (resolved here).
+    pub(crate) fn new(fd: OwnedFd, backend: Backend) -> Result<SockIo> {
+        Ok(match backend.resolve()? {
+            Backend::Uring => {
+                SockIo::Uring(uring::UringSock::new(fd).map_err(|e| Error::io("adopt socket", e))?)
+            }
+            _ => {
+                SockIo::Epoll(epoll::EpollSock::new(fd).map_err(|e| Error::io("adopt socket", e))?)
+            }
+        })
+    }
+
+    pub(crate) fn backend(&self) -> Backend {
+        match self {
+            SockIo::Uring(_) => Backend::Uring,
+            SockIo::Epoll(_) => Backend::Epoll,
+        }
+    }
+
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            SockIo::Uring(u) => u.raw_fd(),
+            SockIo::Epoll(e) => e.raw_fd(),
+        }
+    }
+
+    /// Sends the datagram in `msg`. On uring the buffer is with the ring
+    /// while in flight; on epoll it stays in `msg`.
+    pub(crate) fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<msg::MsgBuf>>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            SockIo::Uring(u) => u.poll_send(cx, msg),
+            SockIo::Epoll(e) => e.poll_send(cx, msg),
+        }
+    }
+
+    /// Receives one datagram into the buffer in `msg` (back there when this
+    /// returns `Ready`); `Ok(0)` is end of stream.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<msg::MsgBuf>>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            SockIo::Uring(u) => u.poll_recv(cx, msg),
+            SockIo::Epoll(e) => e.poll_recv(cx, msg),
+        }
+    }
+
+    /// Whether an operation is in flight (uring: a send whose future was
+    /// dropped).
+    pub(crate) fn in_flight(&self) -> bool {
+        match self {
+            SockIo::Uring(u) => u.in_flight(),
+            SockIo::Epoll(_) => false,
+        }
+    }
+
+    /// Stops the operation in flight (uring only), for a hand-over.
+    pub(crate) fn settle(&mut self) -> io::Result<Option<msg::Settled>> {
+        match self {
+            SockIo::Uring(u) => u.settle(),
+            SockIo::Epoll(_) => Ok(None),
         }
     }
 }

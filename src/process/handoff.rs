@@ -4,10 +4,11 @@
 //! the child inherits, plus the stream state that must survive the move
 //! (whether the hello frame has passed, bytes read but not yet decoded, bytes
 //! encoded but not yet written). Serialization only works while
-//! [`collect_fds`] is running (inside `Process` start); deserialization only
-//! while [`with_inherited`] provides the child's inherited fds. Anywhere else
-//! (a handle inside a message on a channel, say) it is a typed error: pipes
-//! cannot carry file descriptors.
+//! [`collect_fds`] is running (inside `Process` start, or an fd channel's
+//! send); deserialization only while the child's inherited fds are installed
+//! ([`install_inherited`]) or a received message's fds are ([`with_inherited`],
+//! an fd channel's receive). Anywhere else (a handle inside a message on a
+//! pipe, say) it is a typed error: pipes cannot carry file descriptors.
 
 use crate::arena::{self, SendArena, SendExport};
 use crate::backend::{Backend, Io};
@@ -69,10 +70,25 @@ thread_local! {
 /// Runs `f` (which serializes a child's arguments) and returns the fds of
 /// every handle it serialized, in index order.
 pub(crate) fn collect_fds<T>(f: impl FnOnce() -> T) -> (T, Vec<RawFd>) {
-    COLLECT.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    // Whatever was collecting before (nothing, in practice) resumes after.
+    let outer = COLLECT.with(|c| c.borrow_mut().replace(Vec::new()));
     let out = f();
-    let fds = COLLECT.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    let fds = COLLECT
+        .with(|c| std::mem::replace(&mut *c.borrow_mut(), outer))
+        .unwrap_or_default();
     (out, fds)
+}
+
+/// Runs `f` (which deserializes a message received with `fds`) with the
+/// fds available by index, as a child's arguments have theirs. Returns what
+/// `f` returned and how many fds it left unclaimed (those are closed).
+pub(crate) fn with_inherited<T>(fds: Vec<OwnedFd>, f: impl FnOnce() -> T) -> (T, usize) {
+    let outer = INHERITED.with(|c| c.borrow_mut().replace(fds.into_iter().map(Some).collect()));
+    let out = f();
+    let left = INHERITED
+        .with(|c| std::mem::replace(&mut *c.borrow_mut(), outer))
+        .map_or(0, |fds| fds.iter().filter(|fd| fd.is_some()).count());
+    (out, left)
 }
 
 /// Makes the inherited fds available by index to the deserialization of
@@ -86,7 +102,7 @@ pub(crate) fn clear_inherited() {
     INHERITED.with(|c| c.borrow_mut().take());
 }
 
-pub(super) fn register(fd: RawFd) -> Result<u32> {
+pub(crate) fn register(fd: RawFd) -> Result<u32> {
     if fd < 0 {
         return Err(Error::new(
             ErrorKind::Closed,
@@ -100,12 +116,12 @@ pub(super) fn register(fd: RawFd) -> Result<u32> {
         }
         None => Err(Error::new(
             ErrorKind::Unsupported,
-            "channel ends and inherited fds (`Fd`, `Inherit`) can only be passed to a child process as start arguments, not inside a message",
+            "channel ends and inherited fds (`Fd`, `Inherit`) can only be passed to a child process as start arguments or in a message on an fd channel (`fd_channel`), not inside a message on a pipe",
         )),
     })
 }
 
-pub(super) fn take_inherited(index: u32) -> Result<OwnedFd> {
+pub(crate) fn take_inherited(index: u32) -> Result<OwnedFd> {
     INHERITED.with(|c| {
         let mut c = c.borrow_mut();
         let Some(fds) = c.as_mut() else {
@@ -126,13 +142,14 @@ pub(super) fn take_inherited(index: u32) -> Result<OwnedFd> {
 }
 
 /// Says which handle an error of its hand-over is about.
-pub(super) fn name_handle(e: Error, handle: &str) -> Error {
+pub(crate) fn name_handle(e: Error, handle: &str) -> Error {
     if e.kind() == ErrorKind::Unsupported {
         return Error::new(
             e.kind(),
             format!(
-                "cannot send a {handle} inside a message: channel handles and fds can \
-                 only be passed to a child process as start arguments"
+                "cannot send a {handle} inside a message on a pipe: channel handles and \
+                 fds can only be passed to a child process as start arguments, or in a \
+                 message on an fd channel (`fd_channel`)"
             ),
         );
     }

@@ -6,9 +6,10 @@
 //! struct of your own. The fd goes to that child only, through the same path
 //! as channel ends (see [`handoff`](super::handoff)): serializing registers
 //! the fd, the child inherits it, and deserializing takes it back by index
-//! and rebuilds the same type. Anywhere else (inside a message on a channel)
-//! serialization fails with `ErrorKind::Unsupported`: a pipe cannot carry
-//! file descriptors.
+//! and rebuilds the same type. The same path carries them inside messages
+//! on an fd channel (`crate::fd_channel`), which sends the fds with each
+//! datagram. Inside a message on a pipe, serialization fails with
+//! `ErrorKind::Unsupported`: a pipe cannot carry file descriptors.
 
 use super::handoff::{name_handle, register, take_inherited};
 use crate::error::Error;
@@ -149,8 +150,9 @@ fn deserialize_fd<T: InheritFd, E: Source>(archived: &ArchivedFdIndex) -> Result
 ///
 /// The parent's own value is dropped with the builder's arguments once the
 /// child has started (the child has its own copy of the fd); give each child
-/// a `try_clone()` to keep serving on the same socket. Inside a message on a
-/// channel, serialization fails with
+/// a `try_clone()` to keep serving on the same socket. An `Fd` also travels
+/// inside messages on an [fd channel](crate::fd_channel); inside a message
+/// on a pipe, serialization fails with
 /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
 #[derive(Debug)]
 pub struct Fd<T>(pub T);

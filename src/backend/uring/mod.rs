@@ -6,13 +6,14 @@
 //!   alive until its completion), reaping, and the bridge into tokio's
 //!   reactor.
 //! - [`ops`]: the operations handles own: pipe reads and writes
-//!   ([`UringIo`]) and waiting for a child ([`UringWait`]), including moving
+//!   ([`UringIo`]), datagrams with fds ([`UringSock`]) and waiting for a
+//!   child ([`UringWait`]), including moving
 //!   an operation to the ring of the thread that now polls it.
 
 mod ops;
 mod probe;
 mod ring;
 
-pub(crate) use ops::{UringIo, UringWait};
+pub(crate) use ops::{UringIo, UringSock, UringWait};
 pub(crate) use probe::{probe, waitid_supported};
 pub(crate) use ring::set_thread_ring_entries;

@@ -1,5 +1,5 @@
-//! The operations handles own: pipe reads and writes, and waiting for a
-//! child's exit.
+//! The operations handles own: pipe reads and writes, datagrams with fds on
+//! a socket, and waiting for a child's exit.
 //!
 //! **Operations follow handles.** An operation belongs to the ring it was
 //! submitted on, but a handle can move: to another task on another thread,
@@ -13,6 +13,7 @@
 //! A cancellation the handle did not ask for is never reported as an error.
 
 use super::ring::{Keep, Ring, SigInfo};
+use crate::backend::msg::{MsgBuf, Settled};
 use crate::framing::{Decoder, Encoder};
 use crate::sys;
 use io_uring::{opcode, squeue, types};
@@ -366,5 +367,138 @@ impl UringWait {
                 _ => Poll::Ready(Err(io::Error::other("waitid completion without siginfo"))),
             };
         }
+    }
+}
+
+/// A `SOCK_SEQPACKET` socket on the uring backend: one datagram (with fds)
+/// per `SENDMSG` or `RECVMSG`.
+pub(crate) struct UringSock {
+    /// Shared with the operation in flight (see [`UringIo`]).
+    fd: Arc<OwnedFd>,
+    slot: OpSlot,
+}
+
+impl UringSock {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<UringSock> {
+        // As for pipes: a nonblocking socket would make the ring return
+        // EAGAIN instead of waiting.
+        sys::set_nonblocking(fd.as_raw_fd(), false)?;
+        Ok(UringSock {
+            fd: Arc::new(fd),
+            slot: OpSlot::default(),
+        })
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Sends the datagram in `msg` (taken while in flight; given back if
+    /// the operation must start again). A send whose handle goes away is
+    /// left to finish: the datagram and its fds stay with the ring.
+    pub(crate) fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<MsgBuf>>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.slot.op.is_none() {
+                let Some(mut m) = msg.take() else {
+                    return Poll::Ready(Err(io::Error::other("no datagram to send")));
+                };
+                let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), m.hdr())
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build();
+                if let Err((e, keep)) =
+                    self.slot
+                        .start(entry, Keep::Msg(m), Some(self.fd.clone()), false)
+                {
+                    if let Keep::Msg(m) = keep {
+                        *msg = Some(m);
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let (res, keep) = match ready!(self.slot.poll(cx))? {
+                Outcome::Done(res, keep) => (res, keep),
+                Outcome::Restart(keep) => {
+                    if let Keep::Msg(m) = keep {
+                        *msg = Some(m);
+                    }
+                    continue;
+                }
+            };
+            drop(keep);
+            if res < 0 {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+            }
+            return Poll::Ready(Ok(res as usize));
+        }
+    }
+
+    /// Receives one datagram into `msg` (the buffer is with the ring while
+    /// in flight and back in `msg` when this returns `Ready`); `Ok(n)` is its
+    /// length, 0 at end of stream.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<MsgBuf>>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.slot.op.is_none() {
+                let Some(mut m) = msg.take() else {
+                    return Poll::Ready(Err(io::Error::other("no receive buffer")));
+                };
+                m.rearm_recv();
+                let entry = opcode::RecvMsg::new(types::Fd(self.fd.as_raw_fd()), m.hdr())
+                    .flags(libc::MSG_CMSG_CLOEXEC as u32)
+                    .build();
+                if let Err((e, keep)) =
+                    self.slot
+                        .start(entry, Keep::Msg(m), Some(self.fd.clone()), true)
+                {
+                    if let Keep::Msg(m) = keep {
+                        *msg = Some(m);
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let (res, keep) = match ready!(self.slot.poll(cx))? {
+                Outcome::Done(res, keep) => (res, keep),
+                Outcome::Restart(keep) => {
+                    if let Keep::Msg(m) = keep {
+                        *msg = Some(m);
+                    }
+                    continue;
+                }
+            };
+            if let Keep::Msg(m) = keep {
+                *msg = Some(m);
+            }
+            if res < 0 {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+            }
+            return Poll::Ready(Ok(res as usize));
+        }
+    }
+
+    /// Whether an operation (a send left by a dropped future) is in flight.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.slot.op.is_some()
+    }
+
+    /// For a hand-over: stops the operation in flight, if any, and says
+    /// what it left (see [`Settled`]).
+    pub(crate) fn settle(&mut self) -> io::Result<Option<Settled>> {
+        let Some(op) = self.slot.op.take() else {
+            return Ok(None);
+        };
+        op.ring.settle(op.id)?;
+        let (res, keep) = op.ring.take(op.id);
+        Ok(match keep {
+            Keep::Msg(m) if m.is_recv() => Some(Settled::Received(res.max(0) as usize, m)),
+            Keep::Msg(m) if res == -libc::ECANCELED => Some(Settled::Unsent(m)),
+            _ => Some(Settled::Sent),
+        })
     }
 }

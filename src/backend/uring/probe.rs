@@ -22,6 +22,8 @@ pub(crate) fn probe() -> Result<(), String> {
         (opcode::Read::CODE, "READ"),
         (opcode::Write::CODE, "WRITE"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+        (opcode::SendMsg::CODE, "SENDMSG"),
+        (opcode::RecvMsg::CODE, "RECVMSG"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!("kernel lacks IORING_OP_{name}"));

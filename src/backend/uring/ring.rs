@@ -62,6 +62,8 @@ pub(super) enum Keep {
     Read(AlignedVec<16>),
     Write(Vec<u8>),
     SigInfo(Box<SigInfo>),
+    /// A `SENDMSG`/`RECVMSG`: the header, its buffers and a sent message's fds.
+    Msg(Box<crate::backend::msg::MsgBuf>),
 }
 
 /// A `siginfo_t` for the kernel to fill.
@@ -341,6 +343,19 @@ impl Ring {
             _ => -libc::EINPROGRESS,
         };
         f(res, &slot.keep)
+    }
+
+    /// Takes a completed operation's result and kept buffer, freeing its
+    /// slot (after [`Ring::settle`]). One that is somehow still running is
+    /// orphaned instead, and reported as `-EINPROGRESS` with nothing kept.
+    pub(super) fn take(&self, id: usize) -> (i32, Keep) {
+        self.with(|st| match st.slots[id].state {
+            SlotState::Done(res) => (res, st.release(id)),
+            _ => {
+                st.orphan(id, true);
+                (-libc::EINPROGRESS, Keep::None)
+            }
+        })
     }
 
     /// The owner of `id` went away; see [`State::orphan`].
