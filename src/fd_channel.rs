@@ -263,9 +263,12 @@ impl<T: Encode> FdSender<T> {
     ///
     /// Errors before anything is sent: a message over the size or fd limit
     /// ([`ErrorKind::FrameTooLarge`]), a field that cannot be serialized. A
-    /// closed receiver is [`ErrorKind::Closed`]. If the future is dropped
-    /// before it completes, the message may or may not be delivered, but
-    /// never twice nor in part; `value` is dropped either way.
+    /// closed receiver is [`ErrorKind::Closed`]. On an error `value` is
+    /// dropped: the fds it held close, and ringipc channel ends inside it
+    /// were already handed over (serialized), so they close too, with
+    /// anything they had queued. If the future is dropped before it
+    /// completes, the message may or may not be delivered, but never twice
+    /// nor in part.
     pub async fn send(&mut self, value: T) -> Result<()> {
         let inner = self.inner();
         // A send left in flight by a dropped future, or a datagram a
@@ -305,7 +308,14 @@ impl SendInner {
             // Sent (or failed): the datagram and its fds are done with.
             self.msg = None;
             if let Err(e) = r {
-                return Poll::Ready(Err(Error::io("fd channel send", e)));
+                // A receiver that closed with datagrams unread resets the
+                // connection: that is a closed channel too.
+                let closed = matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE));
+                return Poll::Ready(Err(if closed {
+                    Error::new(ErrorKind::Closed, "fd channel send").with_source(e)
+                } else {
+                    Error::io("fd channel send", e)
+                }));
             }
         }
     }
@@ -411,7 +421,7 @@ where
     pub async fn recv(&mut self) -> Result<T> {
         let inner = self.inner();
         if let Some(p) = inner.pending.take() {
-            return decode(&p.bytes[..p.received.len], p.received);
+            return decode(&p.bytes[..p.received.len], p.received, inner.cfg.max_fds);
         }
         if inner.closed {
             return Err(Error::new(ErrorKind::Closed, "fd channel recv"));
@@ -424,11 +434,16 @@ where
             .as_mut()
             .expect("the buffer is back after a receive");
         let received = buf.take_received(n);
-        if n == 0 && received.fds.is_empty() && !received.truncated {
-            inner.closed = true;
-            return Err(Error::new(ErrorKind::Closed, "fd channel recv"));
+        if n == 0 && received.is_plain() {
+            // End of stream, or an empty datagram (which a ringipc sender
+            // never sends): the peer's hang-up tells them apart.
+            if sys::peer_hung_up(inner.sock.raw_fd()) {
+                inner.closed = true;
+                return Err(Error::new(ErrorKind::Closed, "fd channel recv"));
+            }
+            return Err(protocol("fd channel: an empty datagram"));
         }
-        decode(&buf.data()[..received.len], received)
+        decode(&buf.data()[..received.len], received, inner.cfg.max_fds)
     }
 
     /// [`FdReceiver::recv`] with a deadline; [`ErrorKind::TimedOut`] loses
@@ -446,19 +461,21 @@ fn protocol(why: impl Into<std::borrow::Cow<'static, str>>) -> Error {
 
 /// Checks one datagram and rebuilds its message. The fds of a refused
 /// datagram are closed when `received` drops.
-fn decode<T>(bytes: &[u8], received: Received) -> Result<T>
+fn decode<T>(bytes: &[u8], received: Received, max_fds: usize) -> Result<T>
 where
     T: Decode,
     T::Archived: Deserialize<T, HighDeserializer<rancor::BoxedError>>,
 {
+    // The control buffer is rounded up to whole words, so it can hold one
+    // fd more than `max_fds` without MSG_CTRUNC.
+    if received.fds_truncated || received.fds.len() > max_fds {
+        return Err(protocol(
+            "fd channel: a datagram with more fds than max_fds (the kernel closed the rest)",
+        ));
+    }
     if received.truncated {
         return Err(protocol(
             "fd channel: a datagram longer than max_message (its tail was discarded)",
-        ));
-    }
-    if received.fds_truncated {
-        return Err(protocol(
-            "fd channel: a datagram with more fds than max_fds (the kernel closed the rest)",
         ));
     }
     if received.foreign_control {
@@ -608,8 +625,10 @@ fn export_recv(inner: &Mutex<RecvInner>) -> Result<FdChannelState> {
                 "fd receiver: a send was in flight",
             ));
         };
-        if n > 0 {
-            let received = buf.take_received(n);
+        // Taken even when nothing arrived: a hostile empty datagram's fds
+        // would otherwise stay in the buffer, overwritten by the next receive.
+        let received = buf.take_received(n);
+        if n > 0 || !received.is_plain() {
             let mut bytes = AlignedVec::with_capacity(received.len);
             bytes.extend_from_slice(&buf.data()[..received.len]);
             st.pending.get_or_insert(Pending { bytes, received });

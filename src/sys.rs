@@ -194,6 +194,19 @@ pub fn pidfd_exited(pidfd: RawFd) -> bool {
     r > 0 && p.revents & (libc::POLLIN | libc::POLLHUP) != 0
 }
 
+/// Whether a socket's peer has shut down its sending side (`POLLRDHUP`):
+/// tells end of stream from an empty datagram after a 0-byte receive.
+pub fn peer_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+}
+
 /// How a process ended, as reported by `waitid`.
 pub fn decode_siginfo(info: &libc::siginfo_t) -> (bool, i32) {
     // SAFETY: the kernel filled `info` for a CLD_* event, for which si_status is valid.

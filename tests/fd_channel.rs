@@ -183,6 +183,11 @@ fn limits_are_errors_and_lose_nothing(b: Backend) {
         tx.send((vec![Fd(memfile(b"ok"))], vec![1])).await.unwrap();
         let (files, data) = rx.recv().await.unwrap();
         assert_eq!((files.len(), data), (1, vec![1]));
+        // A receiver gone with a message unread: the next send is Closed.
+        tx.send((vec![], vec![2])).await.unwrap();
+        drop(rx);
+        let e = tx.send((vec![], vec![3])).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
         for bad in [
             FdChannelConfig::new().max_fds(254),
             FdChannelConfig::new().max_message(8),
@@ -256,24 +261,7 @@ fn datagram(fds: u32, archive: &[u8]) -> Vec<u8> {
 /// brought is closed, and the next datagram is read as usual.
 fn hostile_datagrams_are_refused_without_leaks(b: Backend) {
     common::block_on(async {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for two fds.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: socketpair made two fds owned by nothing else.
-        let (peer, mine) = unsafe {
-            (
-                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[0]),
-                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]),
-            )
-        };
+        let (peer, mine) = seqpacket_pair();
         let mut rx: FdReceiver<(u32, Option<Fd<File>>)> = cfg(b)
             .max_fds(2)
             .max_message(256)
@@ -331,6 +319,12 @@ fn hostile_datagrams_are_refused_without_leaks(b: Backend) {
                 ErrorKind::Protocol,
             ),
             (
+                "an empty datagram (not the end of the stream)",
+                Vec::new(),
+                vec![],
+                ErrorKind::Protocol,
+            ),
+            (
                 "garbage archive",
                 datagram(1, &[0xff; 64]),
                 vec![one.as_raw_fd()],
@@ -346,10 +340,48 @@ fn hostile_datagrams_are_refused_without_leaks(b: Backend) {
             raw_send(peer.as_raw_fd(), &datagram(0, &plain), &[]);
             assert_eq!(rx.recv().await.unwrap().0, 7, "{what}: next message");
         }
+        // The control buffer has room for whole words: with max_fds 1 a
+        // second fd fits, and is refused all the same.
+        let (peer1, mine1) = seqpacket_pair();
+        let mut rx1: FdReceiver<(u32, Option<Fd<File>>)> =
+            cfg(b).max_fds(1).receiver_from(mine1).unwrap();
+        let with_one = rkyv::to_bytes::<rkyv::rancor::Error>(&(1u32, None::<Fd<File>>)).unwrap();
+        raw_send(
+            peer1.as_raw_fd(),
+            &datagram(2, &with_one),
+            &[one.as_raw_fd(), two.as_raw_fd()],
+        );
+        let e = rx1.recv().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        assert!(e.to_string().contains("max_fds"), "{e}");
+        drop((peer1, rx1));
+        assert_eq!(open_fds(), before, "fds leaked");
+
         drop(peer);
         let e = rx.recv().await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
     });
+}
+
+fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two fds.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0);
+    // SAFETY: socketpair made two fds owned by nothing else.
+    unsafe {
+        (
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[0]),
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]),
+        )
+    }
 }
 
 /// A receive cancelled by a timeout loses nothing; a receive left pending

@@ -149,7 +149,8 @@ impl EpollSock {
     }
 
     /// Sends the datagram in `msg`, which stays there (a datagram is sent
-    /// whole or not at all, so a dropped future sends nothing).
+    /// whole or not at all; one whose future was dropped stays in `msg` for
+    /// the handle's next send).
     pub(crate) fn poll_send(
         &mut self,
         cx: &mut Context<'_>,

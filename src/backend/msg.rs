@@ -52,6 +52,13 @@ pub(crate) struct Received {
     pub foreign_control: bool,
 }
 
+impl Received {
+    /// No fds, no truncation, no other ancillary data.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.fds.is_empty() && !self.truncated && !self.fds_truncated && !self.foreign_control
+    }
+}
+
 fn control_words(max_fds: usize) -> usize {
     if max_fds == 0 {
         return 0;
