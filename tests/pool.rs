@@ -3,7 +3,7 @@
 
 mod common;
 
-use ringipc::{Backend, ChannelConfig, DeathCause, Engine, ErrorKind, ExitStatus, Pool};
+use ringipc::{Backend, ChannelConfig, DeathCause, Engine, ErrorKind, ExitStatus, Fd, Pool};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -812,6 +812,108 @@ fn pool_rejects_a_result_for_another_job(b: Backend) {
     });
 }
 
+/// A request on a connection handed to the worker: reads a u32 and answers
+/// it plus `add` on the same connection; `add == u32::MAX` dies first.
+fn answer((add, conn): (u32, Fd<std::net::TcpStream>)) -> u32 {
+    use std::io::{Read, Write};
+    if add == u32::MAX {
+        std::process::abort();
+    }
+    let mut conn = conn.0;
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    let x = u32::from_le_bytes(buf);
+    conn.write_all(&(x + add).to_le_bytes()).unwrap();
+    x
+}
+
+fn fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Closes with a reset, so 10,000 connections leave no TIME_WAIT behind.
+fn close_now(s: std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `l` is a valid linger value of the size passed.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Accepted connections travel to workers inside jobs: each worker answers
+/// its client directly (the parent copies no request or answer bytes), fd
+/// counts stay flat in the parent and the workers over 10,000 connections,
+/// and a worker killed mid-request fails that one call and connection
+/// while the next is served.
+fn pool_jobs_carry_connections(b: Backend) {
+    use std::io::{Read, Write};
+    common::block_on(async {
+        let pool = Pool::builder(answer)
+            .workers(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let one = |i: u32| {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client.write_all(&i.to_le_bytes()).unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            (client, conn)
+        };
+        let mut before = None;
+        for i in 0..10_000u32 {
+            if i == 100 {
+                let workers: Vec<usize> = pool.stats().iter().map(|s| fds_of(s.pid)).collect();
+                before = Some((fds_of(std::process::id()), workers));
+            }
+            let (mut client, conn) = one(i);
+            let got = pool.call((1, Fd(conn))).await.unwrap();
+            assert_eq!(got.to_native(), i);
+            let mut buf = [0u8; 4];
+            client.read_exact(&mut buf).unwrap();
+            assert_eq!(u32::from_le_bytes(buf), i + 1);
+            close_now(client);
+        }
+        let (parent, workers) = before.unwrap();
+        assert_eq!(fds_of(std::process::id()), parent, "the parent leaked fds");
+        let now: Vec<usize> = pool.stats().iter().map(|s| fds_of(s.pid)).collect();
+        assert_eq!(now, workers, "a worker leaked fds");
+        assert_eq!(pool.stats().iter().map(|s| s.restarts).sum::<u64>(), 0);
+
+        // A worker dies holding a connection: that call fails, its client
+        // sees the connection end, and the next connection is served.
+        let (mut client, conn) = one(7);
+        let e = pool.call((u32::MAX, Fd(conn))).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+        let mut buf = [0u8; 4];
+        // A reset, since the request was never read; or a plain end.
+        match client.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the connection outlived its worker: {other:?}"),
+        }
+        let (mut client, conn) = one(8);
+        assert_eq!(pool.call((2, Fd(conn))).await.unwrap().to_native(), 8);
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 10);
+        pool.shutdown().await.unwrap();
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -876,5 +978,6 @@ fn main() {
             "pool_rejects_a_result_for_another_job",
             pool_rejects_a_result_for_another_job,
         ),
+        ("pool_jobs_carry_connections", pool_jobs_carry_connections),
     ]);
 }

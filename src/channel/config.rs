@@ -84,6 +84,11 @@ impl ChannelConfig {
         self
     }
 
+    /// The backend setting (possibly `Auto`), for handles made alongside.
+    pub(crate) fn backend_choice(&self) -> Backend {
+        self.backend
+    }
+
     /// Largest payload, in bytes, either end accepts. A receiver checks it
     /// before allocating; a sender refuses larger messages without writing.
     /// Messages that travel through the arena are bounded by its size instead.

@@ -21,6 +21,7 @@ use crate::channel::ChannelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Decode, Encode, OwnedMessage, encode_into};
 use crate::process::ExitStatus;
+use crate::process::handoff::collect_fds;
 use crate::process::spec::Spec;
 use crate::sys;
 use crate::wire::Header;
@@ -33,10 +34,13 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use supervisor::{Inner, Job, Slot, State, SupervisorGuard, WorkerSpawner};
+use supervisor::{Inner, Job, Queued, Slot, State, SupervisorGuard, WorkerSpawner};
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::JoinHandle;
-use worker::{Launcher, WorkerOptions};
+use worker::{JOB_WITH_FDS, Launcher, WorkerOptions};
+
+/// Most fds one job may carry (the fd channel's default limit).
+const MAX_JOB_FDS: usize = 16;
 
 /// Options for a [`Pool`]; made by [`Pool::builder`] or [`Pool::builder_async`].
 #[must_use]
@@ -425,10 +429,13 @@ where
     }
 
     /// The job frame: room for the header, then the job's archive (16-byte
-    /// aligned). Encoding errors reach the caller before anything is registered.
-    fn encode(&self, job: J) -> Result<Vec<u8>> {
+    /// aligned), and duplicates of the fds the job carries (its `Fd` and
+    /// `Inherit` fields), which its worker receives with it. Encoding errors
+    /// reach the caller before anything is registered.
+    fn encode(&self, job: J) -> Result<Queued> {
         let mut frame = vec![0u8; Header::LEN];
-        encode_into(&job, &mut frame)?;
+        let (encoded, raw) = collect_fds(|| encode_into(&job, &mut frame));
+        encoded?;
         let max = self.handle.inner.max_frame;
         if frame.len() > max {
             return Err(Error::new(
@@ -439,7 +446,24 @@ where
                 ),
             ));
         }
-        Ok(frame)
+        if raw.len() > MAX_JOB_FDS {
+            return Err(Error::new(
+                ErrorKind::FrameTooLarge,
+                format!(
+                    "a job holds {} fds, over the limit of {MAX_JOB_FDS}",
+                    raw.len()
+                ),
+            ));
+        }
+        let fds = raw
+            .iter()
+            .map(|&fd| sys::dup_above(fd, 3))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::io("duplicating a job's fd", e))?;
+        // The job's own fds (a connection, say) close now: the worker owns
+        // the only copies once the job is sent.
+        drop(job);
+        Ok(Queued { frame, fds })
     }
 
     /// Registers the job with the least-loaded live worker that has room
@@ -447,7 +471,7 @@ where
     /// no await sits between the two, so a cancelled call cannot leak a slot.
     async fn dispatch(
         &self,
-        mut frame: Vec<u8>,
+        mut job: Queued,
         timeout: Option<Duration>,
         wait: bool,
     ) -> Result<OwnedMessage<R>> {
@@ -471,9 +495,10 @@ where
                 if let Some(w) = pick {
                     let id = st.next_id;
                     st.next_id += 1;
-                    Header::new(0).id(id).write_at(&mut frame);
+                    let tag = if job.fds.is_empty() { 0 } else { JOB_WITH_FDS };
+                    Header::new(tag).id(id).write_at(&mut job.frame);
                     let slot = &mut st.slots[w];
-                    match slot.queue.as_ref().expect("picked").send(frame) {
+                    match slot.queue.as_ref().expect("picked").send(job) {
                         Ok(()) => {
                             let (tx, rx) = oneshot::channel();
                             if slot.jobs.is_empty() {
@@ -492,7 +517,7 @@ where
                         }
                         Err(tokio::sync::mpsc::error::SendError(back)) => {
                             // Its writer is gone; the supervisor is ending it.
-                            frame = back;
+                            job = back;
                             slot.queue = None;
                             continue;
                         }

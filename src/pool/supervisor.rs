@@ -8,12 +8,13 @@
 //! its next result must answer the front job, and a result for any other id
 //! is a protocol error that ends the worker.
 
-use super::worker::{Launcher, TAG_OK, TAG_PANIC, WorkerArgs, WorkerOptions};
+use super::worker::{JobFds, Launcher, TAG_OK, TAG_PANIC, WorkerArgs, WorkerOptions};
 use super::{DeathCause, WorkerDeath, WorkerStats};
 use crate::channel::{BytesReceiver, BytesSender, ChannelConfig, OwnedFrame};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fd_channel::{FdChannelConfig, FdSender};
 use crate::message::{Decode, OwnedMessage};
-use crate::process::{ExitStatus, Process};
+use crate::process::{ExitStatus, Fd, Process};
 use crate::sys;
 use crate::wire::Header;
 use rkyv::Archive;
@@ -41,6 +42,13 @@ pub(super) struct Job<R: Archive> {
     pub reply: Reply<R>,
 }
 
+/// A job on its way to a worker's writer: its frame, and the fds it
+/// carries (duplicates, open until the datagram is sent).
+pub(super) struct Queued {
+    pub frame: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
 /// One worker as the parent sees it.
 pub(super) struct Slot<R: Archive> {
     pub stats: WorkerStats,
@@ -51,7 +59,7 @@ pub(super) struct Slot<R: Archive> {
     pub front_since: Instant,
     /// The worker's job queue (read by its writer task); `None` while no
     /// job may be routed to it: it is ending, restarting or dead.
-    pub queue: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    pub queue: Option<mpsc::UnboundedSender<Queued>>,
     /// A duplicate of the current process's pidfd: liveness checks and
     /// signals that cannot hit another process after pid reuse.
     pub pidfd: Option<Arc<OwnedFd>>,
@@ -211,10 +219,17 @@ pub(super) struct WorkerSpawner {
     pub opts: WorkerOptions,
 }
 
+/// What carries a worker's jobs: the frames, and the fds of jobs that
+/// hold some.
+pub(super) struct JobPipe {
+    pub frames: BytesSender,
+    pub fds: FdSender<JobFds>,
+}
+
 /// A started worker: its process, its job pipe and its result pipe.
 pub(super) struct Started {
     pub proc: Process<()>,
-    pub jobs: BytesSender,
+    pub jobs: JobPipe,
     pub results: BytesReceiver,
     pub pidfd: Arc<OwnedFd>,
 }
@@ -226,9 +241,13 @@ impl WorkerSpawner {
         // config's arena, so a large result is serialized once into shared
         // memory instead of being copied through the pipe.
         let (res_tx, res_rx) = self.cfg.bytes_pipe_with_arena()?;
+        let (fd_tx, fd_rx) = FdChannelConfig::new()
+            .backend(self.cfg.backend_choice())
+            .channel::<JobFds>()?;
         let args = WorkerArgs {
             jobs: job_rx,
             results: res_tx,
+            fds: fd_rx,
             handler: self.handler,
         };
         let proc = (self.launcher)(args, &self.opts)?;
@@ -237,7 +256,10 @@ impl WorkerSpawner {
             .map_err(|e| Error::io("duplicate a worker's pidfd", e))?;
         Ok(Started {
             proc,
-            jobs: job_tx,
+            jobs: JobPipe {
+                frames: job_tx,
+                fds: fd_tx,
+            },
             results: res_rx,
             pidfd: Arc::new(pidfd),
         })
@@ -247,16 +269,23 @@ impl WorkerSpawner {
 /// Writes a worker's job frames, coalescing whatever queued up into one
 /// write. On a write error it asks the supervisor to end the worker (which
 /// is then restarted), so a worker that cannot take jobs does not linger.
+///
+/// A job's fds go first, as one datagram, so the worker never waits for
+/// them once it has the job's frame.
 pub(super) async fn writer(
-    mut tx: BytesSender,
-    mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
+    jobs: JobPipe,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
     failed: Arc<Notify>,
 ) {
-    while let Some(frame) = queue.recv().await {
-        let mut r = tx.feed(&frame).await;
+    let JobPipe {
+        frames: mut tx,
+        mut fds,
+    } = jobs;
+    while let Some(job) = queue.recv().await {
+        let mut r = write_job(&mut tx, &mut fds, job).await;
         while r.is_ok() {
             match queue.try_recv() {
-                Ok(frame) => r = tx.feed(&frame).await,
+                Ok(job) => r = write_job(&mut tx, &mut fds, job).await,
                 Err(_) => break,
             }
         }
@@ -270,11 +299,21 @@ pub(super) async fn writer(
     }
 }
 
+/// Queues one job's frame for the pipe, its fds (if any) sent first.
+async fn write_job(tx: &mut BytesSender, fds: &mut FdSender<JobFds>, job: Queued) -> Result<()> {
+    if !job.fds.is_empty() {
+        let id = Header::read(&job.frame).map_or(0, |(h, _)| h.id);
+        fds.send((id, job.fds.into_iter().map(Fd).collect()))
+            .await?;
+    }
+    tx.feed(&job.frame).await
+}
+
 /// Installs a started worker in slot `w`: its queue, pidfd and pid, and a
 /// writer task. The caller holds the lock.
 pub(super) fn install<R: Archive>(
     slot: &mut Slot<R>,
-    jobs: BytesSender,
+    jobs: JobPipe,
     pidfd: Arc<OwnedFd>,
     pid: u32,
 ) -> Arc<Notify> {

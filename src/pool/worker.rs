@@ -4,12 +4,18 @@
 //! Frames (`docs/wire-format.md`, "Crate frames"): a job is a `wire::Header`
 //! (the job's id) followed by the job's archive; a result is two frames, the
 //! value's archive (empty when there is none) and then a `wire::Header` (id,
-//! busy time, tag) followed by an error text if the job failed.
+//! busy time, tag) followed by an error text if the job failed. A job that
+//! carries fds (`Fd`, `Inherit` fields: a connection to answer, a file) has
+//! tag `JOB_WITH_FDS`, and its fds arrive first, as one datagram on the
+//! worker's fd channel.
 
 use crate::backend::Backend;
 use crate::channel::{BytesReceiver, BytesSender};
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fd_channel::FdReceiver;
 use crate::message::{Decode, Encode, Message};
+use crate::process::Fd;
+use crate::process::handoff::with_inherited;
 use crate::process::spec::Spec;
 use crate::process::{Affinity, Process, panic_message};
 use crate::wire::Header;
@@ -17,6 +23,7 @@ use rkyv::api::high::HighDeserializer;
 use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,9 +37,19 @@ pub struct WorkerArgs {
     /// arena when large; empty when there is no value), then a header frame
     /// (id, busy time, tag), followed by an error text if any.
     pub(super) results: BytesSender,
+    /// The fds of jobs that carry some (a connection, a file): one datagram
+    /// per such job, sent before its frame, with the job's id.
+    pub(super) fds: FdReceiver<JobFds>,
     /// The handler's code address, as an offset (see `Spec::offset`).
     pub(super) handler: i64,
 }
+
+/// What a job's fd datagram holds: the job's id and its fds, in the order
+/// the job's archive numbers them.
+pub(crate) type JobFds = (u64, Vec<Fd<OwnedFd>>);
+
+/// The tag of a job frame whose job carries fds (its datagram comes first).
+pub(super) const JOB_WITH_FDS: u8 = 1;
 
 pub(super) const TAG_OK: u8 = 0;
 pub(super) const TAG_PANIC: u8 = 1;
@@ -72,6 +89,7 @@ where
     let WorkerArgs {
         mut jobs,
         mut results,
+        mut fds,
         ..
     } = args;
     let mut buf = Vec::new();
@@ -79,10 +97,31 @@ where
         let (id, job) = match jobs.recv().await {
             Ok(frame) => match Header::read(frame) {
                 Some((h, archive)) => {
-                    let job = Message::<J>::validate(archive)
-                        .and_then(|m| m.deserialize())
-                        .map_err(|e| e.to_string());
-                    (h.id, job)
+                    let decode = || Message::<J>::validate(archive).and_then(|m| m.deserialize());
+                    let job = if h.tag == JOB_WITH_FDS {
+                        match fds.recv().await {
+                            Ok((for_id, got)) if for_id == h.id => {
+                                let got = got.into_iter().map(|fd| fd.0).collect();
+                                let (job, unclaimed) = with_inherited(got, decode);
+                                job.and_then(|job| match unclaimed {
+                                    0 => Ok(job),
+                                    n => Err(Error::new(
+                                        ErrorKind::Protocol,
+                                        format!("{n} fds came with the job but it holds none"),
+                                    )),
+                                })
+                            }
+                            Ok((for_id, _)) => Err(Error::new(
+                                ErrorKind::Protocol,
+                                format!("the fds of job {for_id} came with job {}", h.id),
+                            )),
+                            // The pool went away.
+                            Err(_) => break,
+                        }
+                    } else {
+                        decode()
+                    };
+                    (h.id, job.map_err(|e| e.to_string()))
                 }
                 // Not from a ringipc pool.
                 None => break,
