@@ -73,6 +73,7 @@ mod fd_channel;
 pub mod framing;
 mod message;
 mod pool;
+mod prefork;
 mod process;
 mod sys;
 mod wire;
@@ -93,6 +94,7 @@ pub use fd_channel::{
 };
 pub use message::{Decode, Encode, Message, OwnedMessage};
 pub use pool::{DeathCause, MapResults, Pool, PoolBuilder, WorkerDeath, WorkerStats};
+pub use prefork::{Drain, Prefork, PreforkArgs, PreforkBuilder, PreforkChildStats};
 pub use process::{
     Affinity, ArchivedFdIndex, ArchivedHandoffState, ChildStdio, EXIT_PANIC, EXIT_START_FAILED,
     ExitStatus, Fd, FdIndex, FdResolver, HandoffResolver, HandoffState, Inherit, InheritFd,

@@ -1,0 +1,429 @@
+//! A prefork server: N pinned children accept on one listening socket.
+//!
+//! The parent binds (or is given) a `TcpListener`; every child inherits it
+//! (the kernel hands each connection to one of the children blocked in
+//! `accept`) and runs an accept loop that serves each connection with the
+//! application's async handler as a task of its own. The parent supervises:
+//! a child that dies is replaced. Shutdown drains: each child stops
+//! accepting, finishes the connections it accepted, and exits; one still
+//! busy at the deadline is killed. A child sent SIGTERM drains the same way
+//! (and is then replaced, unless the server is shutting down).
+
+use crate::backend::Backend;
+use crate::channel::{Receiver, Sender};
+use crate::error::{Error, ErrorKind, Result};
+use crate::process::spec::Spec;
+use crate::process::{Affinity, ExitStatus, Fd, Process};
+use crate::sys;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What a prefork child is started with.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[doc(hidden)]
+pub struct PreforkArgs {
+    listener: Fd<TcpListener>,
+    /// A message (or the parent going away) means: drain and exit.
+    drain: Receiver<u8>,
+    /// The handler's code address, as an offset (see `Spec::offset`).
+    handler: i64,
+}
+
+type Launcher = fn(PreforkArgs, &ChildOptions) -> Result<Process<()>>;
+
+#[derive(Clone)]
+struct ChildOptions {
+    name: String,
+    affinity: Affinity,
+    backend: Backend,
+}
+
+/// Tells a connection handler that its child is draining: finish the
+/// request in progress, take no new one on this connection, and return.
+///
+/// A handler that serves one request per connection can ignore it. One that
+/// keeps connections open (keep-alive) waits for the next request and for
+/// [`Drain::wait`] together, so an idle connection does not hold the drain
+/// up until the deadline.
+#[derive(Clone, Debug)]
+pub struct Drain(watch::Receiver<bool>);
+
+impl Drain {
+    /// Whether the child is draining.
+    pub fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once the child is draining.
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|d| *d).await;
+    }
+}
+
+/// The accept loop of a child: serves each connection with `handler`
+/// until told to drain (a message or EOF on `drain`, or SIGTERM), then
+/// stops accepting, tells the handlers ([`Drain`]) and waits for them.
+async fn child_main<Fut>(args: PreforkArgs)
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    // SAFETY: `handler` is the offset of a `fn(tokio::net::TcpStream, Drain)
+    // -> Fut` in this same binary, taken by `Prefork::builder` for exactly
+    // this Fut.
+    let handler = unsafe {
+        std::mem::transmute::<usize, fn(tokio::net::TcpStream, Drain) -> Fut>(Spec::resolve(
+            args.handler,
+        ))
+    };
+    let PreforkArgs {
+        listener,
+        mut drain,
+        ..
+    } = args;
+    let listener = listener
+        .0
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener.0));
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ringipc prefork child: cannot use the listener: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut tasks = tokio::task::JoinSet::new();
+    let (draining, drain_rx) = watch::channel(false);
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                if let Ok((conn, _)) = r {
+                    tasks.spawn(handler(conn, Drain(drain_rx.clone())));
+                }
+            }
+            _ = drain.recv() => break,
+            Some(()) = async {
+                match sigterm.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => break,
+            Some(_) = tasks.join_next() => {}
+        }
+    }
+    // Stop accepting: connections still in the backlog go to the children
+    // that still accept (or are refused once the last listener closes).
+    drop(listener);
+    let _ = draining.send(true);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// How a [`Prefork`] server's child stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PreforkChildStats {
+    /// The child's index.
+    pub child: usize,
+    /// Its current process id (0 while it is being replaced).
+    pub pid: u32,
+    /// The core it is pinned to, if any.
+    pub core: Option<usize>,
+    /// How many times it was replaced after dying.
+    pub restarts: u64,
+    /// How its last process ended, if one did.
+    pub last_exit: Option<ExitStatus>,
+}
+
+/// A builder for a [`Prefork`] server.
+pub struct PreforkBuilder {
+    handler: usize,
+    launcher: Launcher,
+    children: Option<usize>,
+    pin: bool,
+    name: String,
+    backend: Backend,
+}
+
+/// A prefork server: children that accept on one listening socket and
+/// serve each connection with the application's handler.
+///
+/// ```no_run
+/// use ringipc::Prefork;
+/// use std::time::Duration;
+/// use tokio::io::AsyncWriteExt;
+///
+/// async fn hello(mut conn: tokio::net::TcpStream, _: ringipc::Drain) {
+///     let _ = conn.write_all(b"hello\n").await;
+/// }
+///
+/// fn main() -> ringipc::Result<()> {
+///     ringipc::init();
+///     tokio::runtime::Runtime::new().unwrap().block_on(async {
+///         let listener = std::net::TcpListener::bind("127.0.0.1:8080").unwrap();
+///         let server = Prefork::builder(hello).start(listener).await?;
+///         tokio::signal::ctrl_c().await.ok();
+///         // Stop accepting, finish what was accepted, at most 10 s.
+///         server.shutdown(Duration::from_secs(10)).await
+///     })
+/// }
+/// ```
+///
+/// The handler runs in the children, one task per connection, on each
+/// child's own (current-thread) runtime. Connections are spread by the
+/// kernel over the children waiting in `accept`. A child that dies is
+/// replaced (after a back-off if it dies at once), so a crash loses only the
+/// connections that child held.
+pub struct Prefork {
+    addr: SocketAddr,
+    state: Arc<Mutex<Vec<PreforkChildStats>>>,
+    /// `Some(deadline)` once shutdown began.
+    stop: watch::Sender<Option<Instant>>,
+    supervisors: Vec<JoinHandle<bool>>,
+}
+
+impl Prefork {
+    /// A builder for a server whose children serve each connection with
+    /// the async `handler`, given a [`Drain`] that says when to stop taking
+    /// requests on it.
+    pub fn builder<Fut>(handler: fn(tokio::net::TcpStream, Drain) -> Fut) -> PreforkBuilder
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        PreforkBuilder {
+            handler: handler as usize,
+            launcher: |args, o| {
+                Process::builder_async(child_main::<Fut>)
+                    .arg(args)
+                    .name(o.name.clone())
+                    .pin(o.affinity.clone())
+                    .backend(o.backend)
+                    .start()
+            },
+            children: None,
+            pin: true,
+            name: "ringipc-prefork".to_string(),
+            backend: Backend::Auto,
+        }
+    }
+}
+
+impl PreforkBuilder {
+    /// Number of children (default: one per core this process may use).
+    pub fn children(mut self, n: usize) -> Self {
+        self.children = Some(n);
+        self
+    }
+
+    /// Pins child `i` to the `i`-th core this process may use (default: on).
+    pub fn pin(mut self, pin: bool) -> Self {
+        self.pin = pin;
+        self
+    }
+
+    /// The children's process name (`comm`), suffixed with their index.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The backend of the children's channels to the parent.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Starts the children on `listener` (bound and listening) and their
+    /// supervisors on the current tokio runtime, which must keep running
+    /// until [`Prefork::shutdown`].
+    pub async fn start(self, listener: TcpListener) -> Result<Prefork> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("prefork: listener address", e))?;
+        let cores = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
+        let n = self.children.unwrap_or(cores.len()).max(1);
+        let listener = Arc::new(listener);
+        let (stop, _) = watch::channel(None);
+        let state = Arc::new(Mutex::new(Vec::with_capacity(n)));
+        let mut started = Vec::with_capacity(n);
+        for i in 0..n {
+            let core = self.pin.then(|| cores[i % cores.len()]);
+            let opts = ChildOptions {
+                name: format!("{}-{i}", self.name),
+                affinity: core.map_or(Affinity::Any, Affinity::Core),
+                backend: self.backend,
+            };
+            // On error, the children started so far are killed as they drop.
+            let child = start_child(self.launcher, self.handler, &listener, &opts)?;
+            lock(&state).push(PreforkChildStats {
+                child: i,
+                pid: child.0.pid(),
+                core,
+                ..Default::default()
+            });
+            started.push((child, opts));
+        }
+        let supervisors = started
+            .into_iter()
+            .enumerate()
+            .map(|(i, (child, opts))| {
+                tokio::spawn(supervise(
+                    i,
+                    child,
+                    opts,
+                    self.launcher,
+                    self.handler,
+                    listener.clone(),
+                    state.clone(),
+                    stop.subscribe(),
+                ))
+            })
+            .collect();
+        Ok(Prefork {
+            addr,
+            state,
+            stop,
+            supervisors,
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn start_child(
+    launcher: Launcher,
+    handler: usize,
+    listener: &TcpListener,
+    opts: &ChildOptions,
+) -> Result<(Process<()>, Sender<u8>)> {
+    let listener = listener
+        .try_clone()
+        .map_err(|e| Error::io("prefork: duplicate the listener", e))?;
+    let (drain_tx, drain_rx) = crate::channel::ChannelConfig::new()
+        .backend(opts.backend)
+        .pipe::<u8>()?;
+    let args = PreforkArgs {
+        listener: Fd(listener),
+        drain: drain_rx,
+        handler: Spec::offset(handler),
+    };
+    Ok((launcher(args, opts)?, drain_tx))
+}
+
+/// Keeps child `i` running until shutdown; returns whether it had to be
+/// killed at the shutdown deadline.
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    i: usize,
+    mut child: (Process<()>, Sender<u8>),
+    opts: ChildOptions,
+    launcher: Launcher,
+    handler: usize,
+    listener: Arc<TcpListener>,
+    state: Arc<Mutex<Vec<PreforkChildStats>>>,
+    mut stop: watch::Receiver<Option<Instant>>,
+) -> bool {
+    let mut quick_deaths = 0u32;
+    loop {
+        let born = Instant::now();
+        let exited = tokio::select! {
+            r = child.0.join() => Some(r),
+            _ = stop.wait_for(Option::is_some) => None,
+        };
+        let Some(exited) = exited else {
+            // Shutdown: ask for a drain, wait until the deadline, then kill.
+            // (A `Prefork` dropped without `shutdown` stops at once.)
+            let deadline = stop.borrow().unwrap_or_else(Instant::now);
+            let _ = child.1.send(&1).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let killed = match child.0.join_timeout(left).await {
+                Ok(_) => false,
+                Err(_) => {
+                    let _ = child.0.kill();
+                    let _ = child.0.join().await;
+                    true
+                }
+            };
+            lock(&state)[i].pid = 0;
+            return killed;
+        };
+        {
+            let mut st = lock(&state);
+            st[i].last_exit = exited.ok();
+            st[i].pid = 0;
+        }
+        if stop.borrow().is_some() || stop.has_changed().is_err() {
+            return false;
+        }
+        // Replace it; a child that dies at once is retried after a back-off.
+        if born.elapsed() < Duration::from_secs(1) {
+            quick_deaths += 1;
+            let pause = Duration::from_millis(50 << quick_deaths.min(5));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(Option::is_some) => return false,
+            }
+        } else {
+            quick_deaths = 0;
+        }
+        match start_child(launcher, handler, &listener, &opts) {
+            Ok(new) => {
+                let mut st = lock(&state);
+                st[i].pid = new.0.pid();
+                st[i].restarts += 1;
+                child = new;
+            }
+            Err(e) => {
+                tracing::warn!(child = i, error = %e, "prefork child could not be replaced; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.wait_for(Option::is_some) => return false,
+                }
+                // The loop joins the old (exited) child again, which returns
+                // at once, and retries the start.
+            }
+        }
+    }
+}
+
+impl Prefork {
+    /// The address the children accept on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Per-child counters.
+    pub fn stats(&self) -> Vec<PreforkChildStats> {
+        lock(&self.state).clone()
+    }
+
+    /// Drains and stops: every child stops accepting, finishes the
+    /// connections it accepted and exits. A child still busy after
+    /// `deadline` is killed, and the result is [`ErrorKind::TimedOut`]
+    /// (the server is stopped either way). The listening socket closes with
+    /// the last child: connections still in its backlog are refused.
+    pub async fn shutdown(self, deadline: Duration) -> Result<()> {
+        let _ = self.stop.send(Some(Instant::now() + deadline));
+        let mut killed = 0;
+        for s in self.supervisors {
+            if s.await.unwrap_or(true) {
+                killed += 1;
+            }
+        }
+        if killed > 0 {
+            return Err(Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "prefork shutdown: {killed} children were still serving after {deadline:?} and were killed"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,200 @@
+//! The prefork server: children accepting on one socket, replaced when they
+//! die, draining on shutdown and on SIGTERM. Both backends, both start
+//! modes. `harness = false` so children can re-execute this binary.
+
+mod common;
+
+use ringipc::{Backend, Drain, ErrorKind, Prefork};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Per request: the client sends a u32 of milliseconds; the child answers
+/// `b'A'` at once (the connection is accepted and being served), sleeps,
+/// then echoes the u32 and waits for the next request (or a drain).
+async fn slow_echo(mut conn: tokio::net::TcpStream, mut drain: Drain) {
+    let mut buf = [0u8; 4];
+    loop {
+        // Between requests, a drain ends the connection.
+        tokio::select! {
+            r = conn.read_exact(&mut buf) => if r.is_err() { return },
+            _ = drain.wait() => return,
+        }
+        if conn.write_all(b"A").await.is_err() {
+            return;
+        }
+        let ms = u32::from_le_bytes(buf);
+        tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+        if conn.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// Sends one request and waits until a child has accepted it.
+fn begin(addr: std::net::SocketAddr, ms: u32) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(&ms.to_le_bytes()).unwrap();
+    let mut a = [0u8; 1];
+    c.read_exact(&mut a).unwrap();
+    assert_eq!(&a, b"A");
+    c
+}
+
+/// Reads the answer to the request `begin` sent.
+fn finish(mut c: TcpStream, ms: u32) {
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(u32::from_le_bytes(buf), ms);
+}
+
+/// Children serve connections spread over them; a child killed is replaced
+/// and the server goes on.
+fn serves_and_replaces_dead_children(b: Backend) {
+    common::block_on(async {
+        let server = Prefork::builder(slow_echo)
+            .children(2)
+            .backend(b)
+            .start(listener())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let serve_some = move || {
+            for i in 0..50 {
+                let c = begin(addr, i % 2);
+                finish(c, i % 2);
+            }
+        };
+        tokio::task::spawn_blocking(serve_some).await.unwrap();
+        let stats = server.stats();
+        assert_eq!(stats.len(), 2);
+        let victim = stats[0].pid;
+        assert!(victim > 0);
+        // SAFETY: plain kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+        let t = Instant::now();
+        while server.stats()[0].restarts == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "not replaced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s = server.stats()[0].clone();
+        assert_ne!(s.pid, victim);
+        assert_eq!(
+            s.last_exit,
+            Some(ringipc::ExitStatus::Signal(libc::SIGKILL))
+        );
+        tokio::task::spawn_blocking(serve_some).await.unwrap();
+        server.shutdown(Duration::from_secs(10)).await.unwrap();
+    });
+}
+
+/// Shutdown under load: every connection a child accepted is served to the
+/// end; then the port refuses connections. A deadline that is too short
+/// kills the child and says so.
+fn drain_loses_no_accepted_connection(b: Backend) {
+    common::block_on(async {
+        let server = Prefork::builder(slow_echo)
+            .children(2)
+            .backend(b)
+            .start(listener())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let clients = tokio::task::spawn_blocking(move || {
+            (0..20).map(|_| begin(addr, 300)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        // Every request is accepted and in the middle of its 300 ms.
+        server.shutdown(Duration::from_secs(10)).await.unwrap();
+        tokio::task::spawn_blocking(move || {
+            for c in clients {
+                finish(c, 300);
+            }
+        })
+        .await
+        .unwrap();
+        assert!(TcpStream::connect(addr).is_err(), "still accepting");
+
+        let server = Prefork::builder(slow_echo)
+            .children(1)
+            .backend(b)
+            .start(listener())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let c = tokio::task::spawn_blocking(move || begin(addr, 5_000))
+            .await
+            .unwrap();
+        let e = server
+            .shutdown(Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        let mut c = c;
+        let mut buf = [0u8; 4];
+        assert!(
+            matches!(c.read(&mut buf), Ok(0) | Err(_)),
+            "served past the deadline"
+        );
+    });
+}
+
+/// A child sent SIGTERM finishes its connection, exits 0, and is replaced.
+fn child_drains_on_sigterm(b: Backend) {
+    common::block_on(async {
+        let server = Prefork::builder(slow_echo)
+            .children(1)
+            .backend(b)
+            .start(listener())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let c = tokio::task::spawn_blocking(move || begin(addr, 300))
+            .await
+            .unwrap();
+        let pid = server.stats()[0].pid;
+        // SAFETY: plain kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+        tokio::task::spawn_blocking(move || finish(c, 300))
+            .await
+            .unwrap();
+        let t = Instant::now();
+        while server.stats()[0].restarts == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "not replaced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            server.stats()[0].last_exit,
+            Some(ringipc::ExitStatus::Code(0))
+        );
+        let c = tokio::task::spawn_blocking(move || begin(addr, 1))
+            .await
+            .unwrap();
+        tokio::task::spawn_blocking(move || finish(c, 1))
+            .await
+            .unwrap();
+        server.shutdown(Duration::from_secs(10)).await.unwrap();
+    });
+}
+
+fn main() {
+    ringipc::init();
+    common::harness(&[
+        (
+            "serves_and_replaces_dead_children",
+            serves_and_replaces_dead_children,
+        ),
+        (
+            "drain_loses_no_accepted_connection",
+            drain_loses_no_accepted_connection,
+        ),
+        ("child_drains_on_sigterm", child_drains_on_sigterm),
+    ]);
+}
