@@ -1265,8 +1265,13 @@ fn print_pool(r: &Report, plan: &Plan) {
         "  {:<17} {:<5} {:>7} {:>10} {:>12} {:>8}",
         "contender", "job", "workers", "jobs/s", "vs 1 worker", "jobs"
     );
-    for &b in &plan.backends {
-        let name = contender_name(b);
+    let names: Vec<&'static str> = plan
+        .backends
+        .iter()
+        .map(|&b| contender_name(b))
+        .chain(pool_jobs::Threads::ALL.iter().map(|t| t.name()))
+        .collect();
+    for name in names {
         for job in ["tiny", "1ms"] {
             for workers in plan.pool_workers() {
                 if let Some(row) = r.pool_row(name, job, workers) {

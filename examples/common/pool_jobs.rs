@@ -1,6 +1,10 @@
 //! Harness scenario 4: pool job throughput for a tiny job and a CPU-bound
 //! job calibrated to about a millisecond here, with one worker and one
-//! worker per core, and `pool.call` latency of the tiny job.
+//! worker per core, and `pool.call` latency of the tiny job. The same jobs
+//! also run on threads, as a user who gives up process isolation would run
+//! them: tokio's `spawn_blocking` (a multi-thread runtime whose blocking
+//! pool has as many threads as the pool has workers) and a rayon pool of
+//! that many threads.
 
 use crate::measure::{self, Latency};
 use crate::{Failure, Plan, Report, contender_name, current_thread_runtime, us};
@@ -232,6 +236,148 @@ pub struct Scaling {
     pub ratio: f64,
 }
 
+/// The thread-pool contenders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    SpawnBlocking,
+    Rayon,
+}
+
+impl Threads {
+    pub const ALL: [Threads; 2] = [Threads::SpawnBlocking, Threads::Rayon];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Threads::SpawnBlocking => "spawn_blocking",
+            Threads::Rayon => "rayon",
+        }
+    }
+}
+
+/// `n` jobs of `spins` on tokio's blocking pool, at most `window` in
+/// flight (as `pool.map` keeps its workers fed), results taken in order.
+async fn spawn_blocking_jobs(spins: u64, n: u64, window: usize) -> PoolRun {
+    let start = Instant::now();
+    let mut queue = std::collections::VecDeque::with_capacity(window);
+    let mut jobs = 0;
+    for seed in 0..n {
+        if queue.len() == window {
+            let h: tokio::task::JoinHandle<u64> = queue.pop_front().expect("full");
+            black_box(h.await.expect("job"));
+            jobs += 1;
+        }
+        queue.push_back(tokio::task::spawn_blocking(move || {
+            work(Job { spins, seed })
+        }));
+    }
+    for h in queue {
+        black_box(h.await.expect("job"));
+        jobs += 1;
+    }
+    PoolRun {
+        jobs,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `n` jobs of `spins` on a rayon pool: a parallel iterator, rayon's own
+/// way to run a batch.
+fn rayon_jobs(pool: &rayon::ThreadPool, spins: u64, n: u64) -> PoolRun {
+    use rayon::prelude::*;
+    let start = Instant::now();
+    let jobs = pool.install(|| {
+        (0..n)
+            .into_par_iter()
+            .map(|seed| black_box(work(Job { spins, seed })))
+            .count()
+    }) as u64;
+    PoolRun {
+        jobs,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Throughput like `pool_jobs_per_sec`: pilot runs grow until one lasts an
+/// eighth of `budget`, then one run sized to `budget`.
+fn sized_run(budget: Duration, start_n: u64, mut run: impl FnMut(u64) -> PoolRun) -> PoolRun {
+    let mut n = start_n;
+    loop {
+        let pilot = run(n);
+        if pilot.elapsed >= budget / 8 || n >= 1 << 24 {
+            let want = (pilot.jobs_per_sec() * budget.as_secs_f64()) as u64;
+            return run(want.max(n));
+        }
+        n *= 4;
+    }
+}
+
+/// One slice of a thread-pool contender with `threads` threads.
+fn thread_slice(kind: Threads, threads: usize, spins: u64, budget: Duration) -> PoolSlice {
+    let mut slice = PoolSlice::default();
+    match kind {
+        Threads::SpawnBlocking => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .max_blocking_threads(threads)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let window = threads * 8;
+            slice.tiny = sized_run(budget, threads as u64 * 8, |n| {
+                rt.block_on(spawn_blocking_jobs(0, n, window))
+            });
+            slice.spin = sized_run(budget, threads as u64 * 8, |n| {
+                rt.block_on(spawn_blocking_jobs(spins, n, window))
+            });
+            if threads == 1 {
+                slice.calls = rt.block_on(async {
+                    let call =
+                        |seed| tokio::task::spawn_blocking(move || work(Job { spins: 0, seed }));
+                    for seed in 0..100 {
+                        black_box(call(seed).await.expect("job"));
+                    }
+                    let mut samples = Vec::new();
+                    let start = Instant::now();
+                    while start.elapsed() < budget || samples.len() < 100 {
+                        let t0 = Instant::now();
+                        black_box(call(samples.len() as u64).await.expect("job"));
+                        samples.push(t0.elapsed());
+                    }
+                    samples
+                });
+            }
+        }
+        Threads::Rayon => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("rayon pool");
+            slice.tiny = sized_run(budget, threads as u64 * 8, |n| rayon_jobs(&pool, 0, n));
+            slice.spin = sized_run(budget, threads as u64 * 8, |n| rayon_jobs(&pool, spins, n));
+            if threads == 1 {
+                // A single job and its result: spawn plus a channel back.
+                let call = |seed| {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    pool.spawn(move || {
+                        let _ = tx.send(work(Job { spins: 0, seed }));
+                    });
+                    rx.recv().expect("job")
+                };
+                for seed in 0..100 {
+                    black_box(call(seed));
+                }
+                let start = Instant::now();
+                while start.elapsed() < budget || slice.calls.len() < 100 {
+                    let t0 = Instant::now();
+                    black_box(call(slice.calls.len() as u64));
+                    slice.calls.push(t0.elapsed());
+                }
+            }
+        }
+    }
+    slice
+}
+
 /// Scenario 4, on this (unpinned) thread's runtime: `Pool` places its
 /// workers itself. Backends and worker counts take turns in `reps` slices,
 /// each on a fresh pool.
@@ -280,6 +426,23 @@ pub fn run(plan: &Plan, report: &mut Report, bar: &ProgressBar) {
             }
             bar.inc(1);
         }
+    }
+    // The thread-pool contenders, same jobs and worker counts, same slicing.
+    let tcells: Vec<(Threads, usize)> = Threads::ALL
+        .iter()
+        .flat_map(|&t| plan.pool_workers().into_iter().map(move |w| (t, w)))
+        .collect();
+    let mut tacc: Vec<PoolSlice> = tcells.iter().map(|_| PoolSlice::default()).collect();
+    for _ in 0..plan.reps() {
+        for (i, &(kind, threads)) in tcells.iter().enumerate() {
+            let s = thread_slice(kind, threads, spins, budget);
+            tacc[i].tiny.add(s.tiny);
+            tacc[i].spin.add(s.spin);
+            tacc[i].calls.extend(s.calls);
+        }
+    }
+    for ((kind, threads), s) in tcells.into_iter().zip(tacc) {
+        pool_rows(report, kind.name(), threads, s);
     }
     for ((backend, workers), r) in cells.into_iter().zip(acc) {
         let name = contender_name(backend);
