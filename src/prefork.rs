@@ -10,6 +10,7 @@
 //! (and is then replaced, unless the server is shutting down).
 
 use crate::backend::Backend;
+use crate::backend::reactor::RuntimeFd;
 use crate::channel::{Receiver, Sender};
 use crate::error::{Error, ErrorKind, Result};
 use crate::process::spec::Spec;
@@ -95,8 +96,10 @@ where
             std::process::exit(1);
         }
     };
-    let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // SIGTERM drains too: its handler writes to a pipe the loop watches.
+    let mut sigterm = sys::on_sigterm_write()
+        .map(|fd| RuntimeFd::new(fd, tokio::io::Interest::READABLE))
+        .ok();
     let mut tasks = tokio::task::JoinSet::new();
     let (draining, drain_rx) = watch::channel(false);
     loop {
@@ -107,10 +110,10 @@ where
                 }
             }
             _ = drain.recv() => break,
-            Some(()) = async {
-                match sigterm.as_mut() {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
+            _ = async {
+                match sigterm.as_mut().map(RuntimeFd::registered) {
+                    Some(Ok(fd)) => fd.readable().await.map(drop),
+                    _ => std::future::pending().await,
                 }
             } => break,
             Some(_) = tasks.join_next() => {}
@@ -166,7 +169,7 @@ pub struct PreforkBuilder {
 ///     tokio::runtime::Runtime::new().unwrap().block_on(async {
 ///         let listener = std::net::TcpListener::bind("127.0.0.1:8080").unwrap();
 ///         let server = Prefork::builder(hello).start(listener).await?;
-///         tokio::signal::ctrl_c().await.ok();
+///         tokio::time::sleep(Duration::from_secs(60)).await; // serve a minute
 ///         // Stop accepting, finish what was accepted, at most 10 s.
 ///         server.shutdown(Duration::from_secs(10)).await
 ///     })

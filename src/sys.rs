@@ -207,6 +207,44 @@ pub fn peer_hung_up(fd: RawFd) -> bool {
     r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
+/// The write end of the pipe [`on_sigterm_write`]'s handler writes to.
+static SIGTERM_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn sigterm_handler(_: libc::c_int) {
+    let fd = SIGTERM_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; one byte from a static.
+        unsafe { libc::write(fd, b"T".as_ptr().cast(), 1) };
+    }
+}
+
+/// Makes SIGTERM write a byte into a new pipe instead of ending the process,
+/// and returns the pipe's read end (nonblocking, close-on-exec): the
+/// self-pipe trick. Hand-written because tokio's `signal` feature would add
+/// a signal driver, and its sockets, to every runtime of every program that
+/// uses ringipc. For one process-wide use (a prefork child).
+pub fn on_sigterm_write() -> io::Result<OwnedFd> {
+    let (r, w) = pipe()?;
+    set_nonblocking(r.as_raw_fd(), true)?;
+    set_nonblocking(w.as_raw_fd(), true)?;
+    // The write end lives as long as the process (the handler may run any
+    // time from now on).
+    SIGTERM_PIPE.store(
+        std::os::fd::IntoRawFd::into_raw_fd(w),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    // SAFETY: a zeroed sigaction is valid; the handler is an extern "C" fn
+    // that only calls write(2); SA_RESTART keeps other syscalls going.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = sigterm_handler as *const () as libc::sighandler_t;
+        act.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut act.sa_mask);
+        cvt(libc::sigaction(libc::SIGTERM, &act, std::ptr::null_mut()))?;
+    }
+    Ok(r)
+}
+
 /// How a process ended, as reported by `waitid`.
 pub fn decode_siginfo(info: &libc::siginfo_t) -> (bool, i32) {
     // SAFETY: the kernel filled `info` for a CLD_* event, for which si_status is valid.
