@@ -303,6 +303,10 @@ fn pool_mode(case: &Case) -> Result<Measured> {
 fn serve_connection((rounds, conn): (u64, Fd<std::net::TcpStream>)) -> u64 {
     use std::io::{Read, Write};
     let mut conn = conn.0;
+    // An idle or stalled client would hold this worker for good.
+    if conn.set_read_timeout(Some(CLIENT_STALL)).is_err() {
+        return 0;
+    }
     let mut buf = Vec::new();
     let mut served = 0;
     loop {
@@ -385,7 +389,11 @@ fn serve_request((rounds, conn): (u64, Fd<std::net::TcpStream>)) -> bool {
     while sent < a.len() {
         match conn.write(&a[sent..]) {
             Ok(n) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(&conn, libc::POLLOUT),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if wait_for(&conn, libc::POLLOUT).is_err() {
+                    return false;
+                }
+            }
             Err(_) => return false,
         }
     }
@@ -400,14 +408,17 @@ fn read_all(conn: &mut std::net::TcpStream, mut buf: &mut [u8]) -> std::io::Resu
         match conn.read(buf) {
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => buf = &mut buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(conn, libc::POLLIN),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(conn, libc::POLLIN)?,
             Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-fn wait_for(conn: &std::net::TcpStream, events: libc::c_short) {
+/// Waits until `conn` is ready for `events`. A client that stalls in the
+/// middle of a request would hold the worker (and every job queued behind
+/// it); past `CLIENT_STALL` its request fails instead.
+fn wait_for(conn: &std::net::TcpStream, events: libc::c_short) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut p = libc::pollfd {
         fd: conn.as_raw_fd(),
@@ -415,8 +426,18 @@ fn wait_for(conn: &std::net::TcpStream, events: libc::c_short) {
         revents: 0,
     };
     // SAFETY: `p` is one valid pollfd, and the count passed is 1.
-    unsafe { libc::poll(&mut p, 1, -1) };
+    match unsafe { libc::poll(&mut p, 1, CLIENT_STALL.as_millis() as libc::c_int) } {
+        0 => Err(std::io::ErrorKind::TimedOut.into()),
+        // EINTR: the caller tries again.
+        n if n < 0 => match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            e => Err(e),
+        },
+        _ => Ok(()),
+    }
 }
+
+const CLIENT_STALL: Duration = Duration::from_secs(10);
 
 /// One request per job: the engine keeps the connection, waits until a
 /// request starts to arrive (a peek, which consumes nothing), and hands the
