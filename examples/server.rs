@@ -1,203 +1,740 @@
-//! A CPU-heavy TCP server: accept on the engine, compute in the pool, answer
-//! on the engine. A load generator on loopback drives it and reports.
+//! A CPU-heavy TCP server in the modes a user would choose between, measured
+//! side by side in one run by a load generator on loopback:
+//!
+//! - `pool`: the engine accepts and reads each request, a [`Pool`] worker
+//!   computes it (the payload is copied to the worker), the engine answers;
+//! - `handoff`: the engine accepts, and for each request hands a copy of
+//!   the connection to a pool worker inside the job (`Fd<TcpStream>`); the
+//!   worker reads the request, computes and answers on it (the parent
+//!   copies no request or answer bytes);
+//! - `handoff-conn`: the same, but the job is the whole connection: the
+//!   worker serves it until the client closes it;
+//! - `spawn-blocking`: a tokio multi-thread runtime, compute in
+//!   `spawn_blocking` (no ringipc);
+//! - `rayon`: a tokio multi-thread runtime for I/O, compute on a rayon pool.
 //!
 //! ```text
-//! cargo run --release --example server                  # server + load, then a report
-//! cargo run --release --example server -- --connections 32 --requests 200 --rounds 20000
+//! cargo run --release --example server                  # the whole matrix, then a table
+//! cargo run --release --example server -- --modes pool,handoff --payloads 1048576 --job-us 1000
+//! cargo run --release --example server -- --quick       # a few seconds, for CI
+//! cargo run --release --example server -- --serve 7000  # pool mode only, until killed
 //! ```
 //!
-//! Protocol: a request is a little-endian u32 length and that many bytes;
-//! the answer is the 8-byte digest of the payload after `rounds` rounds of
-//! hashing (about 1 ms of CPU per request by default).
+//! Protocol: a request is a little-endian u32 length and that many bytes,
+//! whose first 8 are the request's id; the answer is 16 bytes, the id and a
+//! digest that costs `--job-us` microseconds of CPU to compute whatever the
+//! payload size (see [`work`]). The load generator checks both: a wrong
+//! answer stops the run with an error.
+//!
+//! A mode is one function from a [`Case`] to its measurements, listed in
+//! [`MODES`]; another server (a prefork one, say) is one more function and
+//! one more line there.
 
 use clap::Parser;
-use ringipc::{Engine, Pool};
+use ringipc::{Engine, Fd, Pool};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
 #[derive(Parser, Debug, Clone)]
 struct Args {
+    /// Server modes to compare, in this order (names from the list in
+    /// `MODES`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "pool,handoff,handoff-conn,spawn-blocking,rayon"
+    )]
+    modes: Vec<String>,
+    /// Request payload sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "1024,1048576")]
+    payloads: Vec<usize>,
+    /// CPU time per request, in microseconds.
+    #[arg(long, value_delimiter = ',', default_value = "1000,50")]
+    job_us: Vec<u64>,
     /// Concurrent client connections.
     #[arg(long, default_value_t = 16)]
     connections: usize,
-    /// Requests per connection.
-    #[arg(long, default_value_t = 100)]
-    requests: usize,
-    /// Hashing rounds per request (the CPU work).
-    #[arg(long, default_value_t = 500)]
-    rounds: u32,
-    /// Request payload size in bytes.
-    #[arg(long, default_value_t = 1024)]
-    payload: usize,
-    /// Only serve, on this port, until killed.
+    /// Requests per connection (default: sized so each case runs about
+    /// two seconds on two cores).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Tiny runs (a few seconds in all), to check that every mode works.
+    #[arg(long)]
+    quick: bool,
+    /// Only serve in `pool` mode, on this port, with the first `--job-us`,
+    /// until killed.
     #[arg(long)]
     serve: Option<u16>,
 }
 
-/// The job a worker runs: hash `data` `rounds` times (FNV-1a, chained).
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-struct HashJob {
-    rounds: u32,
-    data: Vec<u8>,
+/// One cell of the matrix: a server mode serves `connections` clients, each
+/// sending `requests` requests of `payload` bytes that cost `rounds` rounds
+/// of [`work`].
+#[derive(Clone, Debug)]
+struct Case {
+    payload: usize,
+    job_us: u64,
+    rounds: u64,
+    connections: usize,
+    requests: usize,
 }
 
-fn hash_job(job: HashJob) -> u64 {
-    let mut h = 0xcbf29ce484222325u64;
-    for r in 0..job.rounds {
-        h ^= r as u64;
-        for &b in &job.data {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
+/// What the load generator saw in one case.
+struct Measured {
+    elapsed: Duration,
+    /// Per-request latencies (write of the request to the end of the
+    /// answer), sorted.
+    latencies: Vec<Duration>,
+}
+
+struct Mode {
+    name: &'static str,
+    run: fn(&Case) -> Result<Measured>,
+}
+
+/// The modes, in table order. `spawn-blocking` is the baseline the ratios
+/// are taken against.
+const MODES: &[Mode] = &[
+    Mode {
+        name: "pool",
+        run: pool_mode,
+    },
+    Mode {
+        name: "handoff",
+        run: handoff_mode,
+    },
+    Mode {
+        name: "handoff-conn",
+        run: handoff_conn_mode,
+    },
+    Mode {
+        name: "spawn-blocking",
+        run: spawn_blocking_mode,
+    },
+    Mode {
+        name: "rayon",
+        run: rayon_mode,
+    },
+];
+
+const BASELINE: &str = "spawn-blocking";
+
+// ---------------------------------------------------------------------------
+// The work and the protocol, shared by every mode.
+
+/// The request's CPU work: a digest of the payload (bytes sampled every
+/// 4 KiB, so reading it costs little at any size) chained through `rounds`
+/// serial multiply-xorshift rounds. The rounds are calibrated at start to
+/// the requested CPU time, so a job costs the same at 1 KiB and at 1 MiB.
+/// The first 8 bytes (the request id) are left out, so a client computes
+/// its expected digest once.
+fn work(payload: &[u8], rounds: u64) -> u64 {
+    let body = payload.get(8..).unwrap_or(&[]);
+    let mut h = 0xcbf29ce484222325u64 ^ body.len() as u64;
+    for &b in body.iter().step_by(4096).chain(body.last()) {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    for r in 0..rounds {
+        h = (h ^ r).wrapping_mul(0x9e3779b97f4a7c15);
+        h ^= h >> 29;
     }
     h
 }
 
-async fn handle(
-    mut conn: tokio::net::TcpStream,
-    pool: Pool<HashJob, u64>,
-    rounds: u32,
-) -> std::io::Result<()> {
+/// Rounds of [`work`] per microsecond on this machine: the best of a few
+/// timed runs (the fastest is the least disturbed by other load).
+fn calibrate() -> f64 {
+    let rounds = 500_000u64;
+    let best = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(work(std::hint::black_box(&[0u8; 16]), rounds));
+            t.elapsed()
+        })
+        .min()
+        .unwrap();
+    rounds as f64 / best.as_secs_f64() / 1e6
+}
+
+fn request_id(payload: &[u8]) -> u64 {
+    payload
+        .get(..8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+}
+
+fn answer(payload: &[u8], digest: u64) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&request_id(payload).to_le_bytes());
+    a[8..].copy_from_slice(&digest.to_le_bytes());
+    a
+}
+
+/// Reads one request into `buf`; `false` when the client closed.
+async fn read_request(
+    conn: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<bool> {
     let mut len = [0u8; 4];
+    if conn.read_exact(&mut len).await.is_err() {
+        return Ok(false);
+    }
+    buf.resize(u32::from_le_bytes(len) as usize, 0);
+    conn.read_exact(buf).await?;
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------
+// Modes on ringipc: the engine accepts.
+
+/// Every engine core listens on one port (SO_REUSEPORT: the kernel spreads
+/// connections over the cores) and runs `on_conn` for each connection as a
+/// local task. The accept loops end when the engine is dropped.
+fn serve_on_engine<F, Fut>(engine: &Engine, port: u16, on_conn: F) -> Result<SocketAddr>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let listen = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_reuseport(true)?;
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(1024)
+    };
+    // The first bind picks the port the others share; it stays open until
+    // every core listens, so no other socket can take the port meanwhile.
+    let first = engine.block_on(move || async move {
+        listen(([127, 0, 0, 1], port).into()).and_then(|l| l.into_std())
+    })??;
+    let addr = first.local_addr()?;
+    let (ready, listening) = std::sync::mpsc::channel();
+    for core in engine.cores() {
+        let on_conn = on_conn.clone();
+        let ready = ready.clone();
+        drop(engine.run_on(core, move || async move {
+            let listener = match listen(addr) {
+                Ok(l) => l,
+                Err(e) => return drop(ready.send(Err(e))),
+            };
+            let _ = ready.send(Ok(()));
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = conn.set_nodelay(true);
+                tokio::task::spawn_local(on_conn(conn));
+            }
+        }));
+    }
+    // Clients connect only once every core listens.
+    for _ in engine.cores() {
+        listening.recv()??;
+    }
+    drop(first);
+    Ok(addr)
+}
+
+/// The `pool` job: the request's payload travels to the worker.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct HashJob {
+    rounds: u64,
+    data: Vec<u8>,
+}
+
+fn hash_job(job: HashJob) -> u64 {
+    work(&job.data, job.rounds)
+}
+
+async fn pool_conn(mut conn: tokio::net::TcpStream, pool: Pool<HashJob, u64>, rounds: u64) {
     let mut buf = Vec::new();
     loop {
-        if conn.read_exact(&mut len).await.is_err() {
-            return Ok(()); // client closed
+        match read_request(&mut conn, &mut buf).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return eprintln!("pool: reading a request: {e}"),
         }
-        buf.resize(u32::from_le_bytes(len) as usize, 0);
-        conn.read_exact(&mut buf).await?;
+        let id = request_id(&buf);
         let job = HashJob {
             rounds,
             data: std::mem::take(&mut buf),
         };
         let digest = match pool.call(job).await {
             Ok(d) => d.to_native(),
-            Err(e) => {
-                eprintln!("job failed: {e}");
-                0
-            }
+            // The client sees its connection end without an answer.
+            Err(e) => return eprintln!("pool: job failed: {e}"),
         };
-        conn.write_all(&digest.to_le_bytes()).await?;
+        let mut a = answer(&[], digest);
+        a[..8].copy_from_slice(&id.to_le_bytes());
+        if conn.write_all(&a).await.is_err() {
+            return;
+        }
     }
 }
 
-/// Every core listens on the same port (SO_REUSEPORT: the kernel spreads
-/// connections over the cores) and serves its connections as local tasks.
-fn serve(
-    engine: &Engine,
-    pool: Pool<HashJob, u64>,
-    port: u16,
-    rounds: u32,
-) -> ringipc::Result<SocketAddr> {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let bound = engine.block_on(move || async move {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.set_reuseport(true)?;
-        sock.set_reuseaddr(true)?;
-        sock.bind(addr)?;
-        sock.local_addr()
-    })?;
-    let addr =
-        bound.map_err(|e| ringipc::Error::new(ringipc::ErrorKind::Io, "bind").with_source(e))?;
-    for core in engine.cores() {
-        let pool = pool.clone();
-        // Fire and forget: the accept loop lives as long as the engine.
-        drop(engine.run_on(core, move || async move {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.set_reuseport(true).unwrap();
-            sock.set_reuseaddr(true).unwrap();
-            sock.bind(addr).unwrap();
-            let listener = sock.listen(1024).unwrap();
-            loop {
-                let Ok((conn, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = conn.set_nodelay(true);
-                tokio::task::spawn_local(handle(conn, pool.clone(), rounds));
+/// A pool on core 0's runtime, which also runs its supervisors.
+fn start_pool<J, R>(engine: &Engine, builder: ringipc::PoolBuilder<J, R>) -> Result<Pool<J, R>>
+where
+    J: ringipc::Encode + Send + 'static,
+    R: ringipc::Decode + Send + 'static,
+    R: rkyv::Archive,
+{
+    Ok(engine.block_on(move || async move { builder.build().await })??)
+}
+
+fn pool_mode(case: &Case) -> Result<Measured> {
+    let engine = Engine::builder().build()?;
+    let pool = start_pool(&engine, Pool::builder(hash_job).name("hash-worker"))?;
+    let rounds = case.rounds;
+    let p = pool.clone();
+    let addr = serve_on_engine(&engine, 0, move |conn| pool_conn(conn, p.clone(), rounds))?;
+    let measured = load(addr, case);
+    engine.block_on(move || async move { pool.shutdown().await })??;
+    drop(engine);
+    measured
+}
+
+/// The `handoff-conn` job: the connection itself, served by the worker
+/// until the client closes it. Returns how many requests it answered.
+fn serve_connection((rounds, conn): (u64, Fd<std::net::TcpStream>)) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = conn.0;
+    // An idle or stalled client would hold this worker for good.
+    if conn.set_read_timeout(Some(CLIENT_STALL)).is_err() {
+        return 0;
+    }
+    let mut buf = Vec::new();
+    let mut served = 0;
+    loop {
+        let mut len = [0u8; 4];
+        if conn.read_exact(&mut len).is_err() {
+            return served;
+        }
+        buf.resize(u32::from_le_bytes(len) as usize, 0);
+        if conn.read_exact(&mut buf).is_err() {
+            return served;
+        }
+        let digest = work(&buf, rounds);
+        if conn.write_all(&answer(&buf, digest)).is_err() {
+            return served;
+        }
+        served += 1;
+    }
+}
+
+fn handoff_conn_mode(case: &Case) -> Result<Measured> {
+    let engine = Engine::builder().build()?;
+    let workers = engine.cores().len();
+    // A job holds its worker for the connection's whole life, and a worker
+    // runs one job at a time: with more connections than workers, the extra
+    // connections wait in a worker's queue until an earlier one closes (they
+    // are served in turn, not side by side; the `max` column shows that
+    // wait). Enough in-flight slots for every connection means `call` never
+    // waits for a permit, so the engine's accept loop and the client's
+    // connect never stall behind a busy worker. Fewer slots would not
+    // deadlock either (each connection ends when its client is done), but
+    // would park whole connections in the engine instead of in the queue.
+    let in_flight = case.connections.div_ceil(workers).max(1);
+    let pool = start_pool(
+        &engine,
+        Pool::builder(serve_connection)
+            .name("conn-worker")
+            .max_in_flight(in_flight),
+    )?;
+    let rounds = case.rounds;
+    let p = pool.clone();
+    let addr = serve_on_engine(&engine, 0, move |conn| {
+        let pool = p.clone();
+        async move {
+            // The worker does blocking I/O on its copy: a socket's blocking
+            // mode belongs to the open file, shared with the worker.
+            let conn = match conn.into_std().and_then(|c| {
+                c.set_nonblocking(false)?;
+                Ok(c)
+            }) {
+                Ok(c) => c,
+                Err(e) => return eprintln!("handoff-conn: {e}"),
+            };
+            if let Err(e) = pool.call((rounds, Fd(conn))).await {
+                eprintln!("handoff-conn: connection failed: {e}");
             }
-        }));
-    }
-    Ok(addr)
+        }
+    })?;
+    let measured = load(addr, case);
+    engine.block_on(move || async move { pool.shutdown().await })??;
+    drop(engine);
+    measured
 }
 
-/// Drives the server from a separate thread: `connections` clients, each
-/// sending `requests` requests one after another. Bounded in count.
-fn load(addr: SocketAddr, args: &Args) -> (Duration, Vec<Duration>) {
+/// The `handoff` job: a copy of the connection (a dup of its fd) with one
+/// request waiting on it, which the worker reads, computes and answers.
+/// Returns whether it did.
+fn serve_request((rounds, conn): (u64, Fd<std::net::TcpStream>)) -> bool {
+    use std::io::Write;
+    let mut conn = conn.0;
+    let mut len = [0u8; 4];
+    if read_all(&mut conn, &mut len).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+    if read_all(&mut conn, &mut buf).is_err() {
+        return false;
+    }
+    let a = answer(&buf, work(&buf, rounds));
+    let mut sent = 0;
+    while sent < a.len() {
+        match conn.write(&a[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if wait_for(&conn, libc::POLLOUT).is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// `read_exact` on a socket in non-blocking mode (the worker's copy shares
+/// the engine's open file, and with it tokio's `O_NONBLOCK`).
+fn read_all(conn: &mut std::net::TcpStream, mut buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    while !buf.is_empty() {
+        match conn.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(conn, libc::POLLIN)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `conn` is ready for `events`. A client that stalls in the
+/// middle of a request would hold the worker (and every job queued behind
+/// it); past `CLIENT_STALL` its request fails instead.
+fn wait_for(conn: &std::net::TcpStream, events: libc::c_short) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: conn.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd, and the count passed is 1.
+    match unsafe { libc::poll(&mut p, 1, CLIENT_STALL.as_millis() as libc::c_int) } {
+        0 => Err(std::io::ErrorKind::TimedOut.into()),
+        // EINTR: the caller tries again.
+        n if n < 0 => match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            e => Err(e),
+        },
+        _ => Ok(()),
+    }
+}
+
+const CLIENT_STALL: Duration = Duration::from_secs(10);
+
+/// One request per job: the engine keeps the connection, waits until a
+/// request starts to arrive (a peek, which consumes nothing), and hands the
+/// worker a dup of the fd with that request. Workers take requests from
+/// every connection in turn, like the other modes, and never wait for a
+/// client between requests; the price is an fd passed (and closed) per
+/// request. The default in-flight window (4 per worker) keeps each worker's
+/// queue full; calls beyond it wait in the engine, and since a job never
+/// waits for another connection, nothing can deadlock.
+fn handoff_mode(case: &Case) -> Result<Measured> {
+    let engine = Engine::builder().build()?;
+    let pool = start_pool(&engine, Pool::builder(serve_request).name("request-worker"))?;
+    let rounds = case.rounds;
+    let p = pool.clone();
+    let addr = serve_on_engine(&engine, 0, move |conn| {
+        let pool = p.clone();
+        async move {
+            use std::os::fd::AsFd;
+            let mut peek = [0u8; 1];
+            // Ends when the client closes (a peek of 0 bytes) or on error.
+            while let Ok(1..) = conn.peek(&mut peek).await {
+                let copy = match conn.as_fd().try_clone_to_owned() {
+                    Ok(fd) => std::net::TcpStream::from(fd),
+                    Err(e) => return eprintln!("handoff: dup: {e}"),
+                };
+                match pool.call((rounds, Fd(copy))).await {
+                    Ok(done) if *done => {}
+                    Ok(_) => return,
+                    Err(e) => return eprintln!("handoff: job failed: {e}"),
+                }
+            }
+        }
+    })?;
+    let measured = load(addr, case);
+    engine.block_on(move || async move { pool.shutdown().await })??;
+    drop(engine);
+    measured
+}
+
+// ---------------------------------------------------------------------------
+// The contenders: tokio's multi-thread runtime, no ringipc.
+
+/// A tokio multi-thread runtime with one worker per core, accepting on
+/// loopback and running `on_conn` for each connection.
+fn serve_on_tokio<F, Fut>(on_conn: F) -> Result<(tokio::runtime::Runtime, SocketAddr)>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores())
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    rt.spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = conn.set_nodelay(true);
+            tokio::spawn(on_conn(conn));
+        }
+    });
+    Ok((rt, addr))
+}
+
+/// Serves one connection on tokio, computing each request with `compute`.
+async fn tokio_conn<F, Fut>(mut conn: tokio::net::TcpStream, compute: F)
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: Future<Output = Option<(Vec<u8>, u64)>>,
+{
+    let mut buf = Vec::new();
+    loop {
+        match read_request(&mut conn, &mut buf).await {
+            Ok(true) => {}
+            _ => return,
+        }
+        let Some((back, digest)) = compute(std::mem::take(&mut buf)).await else {
+            return;
+        };
+        buf = back;
+        if conn.write_all(&answer(&buf, digest)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn spawn_blocking_mode(case: &Case) -> Result<Measured> {
+    let rounds = case.rounds;
+    let (rt, addr) = serve_on_tokio(move |conn| {
+        tokio_conn(conn, move |buf| async move {
+            tokio::task::spawn_blocking(move || {
+                let d = work(&buf, rounds);
+                (buf, d)
+            })
+            .await
+            .ok()
+        })
+    })?;
+    let measured = load(addr, case);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    measured
+}
+
+fn rayon_mode(case: &Case) -> Result<Measured> {
+    let rounds = case.rounds;
+    let rayon = std::sync::Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores())
+            .thread_name(|i| format!("rayon-{i}"))
+            .build()?,
+    );
+    let (rt, addr) = serve_on_tokio(move |conn| {
+        let rayon = rayon.clone();
+        tokio_conn(conn, move |buf| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rayon.spawn(move || {
+                let d = work(&buf, rounds);
+                let _ = tx.send((buf, d));
+            });
+            async move { rx.await.ok() }
+        })
+    })?;
+    let measured = load(addr, case);
+    // The rayon pool goes with the last connection task.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    measured
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+// ---------------------------------------------------------------------------
+// The load generator.
+
+/// Drives the server from its own runtime (one thread): `connections`
+/// clients, each sending `requests` requests one after another and checking
+/// every answer.
+fn load(addr: SocketAddr, case: &Case) -> Result<Measured> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
-        .build()
-        .unwrap();
-    let (conns, reqs, size) = (args.connections, args.requests, args.payload);
+        .build()?;
+    let case = case.clone();
     rt.block_on(async move {
-        // Give the accept loops a moment to start listening.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let start = Instant::now();
-        let clients: Vec<_> = (0..conns)
-            .map(|c| {
-                tokio::spawn(async move {
-                    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-                    s.set_nodelay(true).unwrap();
-                    let payload: Vec<u8> = (0..size).map(|i| (i * 7 + c) as u8).collect();
-                    let mut lat = Vec::with_capacity(reqs);
-                    let mut digest = [0u8; 8];
-                    for _ in 0..reqs {
-                        let t = Instant::now();
-                        s.write_all(&(size as u32).to_le_bytes()).await.unwrap();
-                        s.write_all(&payload).await.unwrap();
-                        s.read_exact(&mut digest).await.unwrap();
-                        lat.push(t.elapsed());
-                    }
-                    lat
-                })
-            })
+        let clients: Vec<_> = (0..case.connections)
+            .map(|c| tokio::spawn(client(addr, c, case.clone())))
             .collect();
-        let mut all = Vec::new();
+        let mut latencies = Vec::new();
         for c in clients {
-            all.extend(c.await.unwrap());
+            latencies.extend(c.await??);
         }
-        (start.elapsed(), all)
+        let elapsed = start.elapsed();
+        latencies.sort();
+        Ok(Measured { elapsed, latencies })
     })
 }
 
-fn main() -> ringipc::Result<()> {
+async fn client(addr: SocketAddr, c: usize, case: Case) -> Result<Vec<Duration>> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let size = case.payload.max(8);
+    let mut request: Vec<u8> = (size as u32).to_le_bytes().to_vec();
+    request.extend((0..size).map(|i| (i * 7 + c) as u8));
+    // The digest does not depend on the id, so it is the same for every
+    // request on this connection.
+    let expected = work(&request[4..], case.rounds);
+    let mut lat = Vec::with_capacity(case.requests);
+    let mut got = [0u8; 16];
+    for r in 0..case.requests {
+        let id = ((c as u64) << 32) | r as u64;
+        request[4..12].copy_from_slice(&id.to_le_bytes());
+        let t = Instant::now();
+        s.write_all(&request).await?;
+        s.read_exact(&mut got)
+            .await
+            .map_err(|e| format!("connection {c}, request {r}: no answer ({e})"))?;
+        lat.push(t.elapsed());
+        let (got_id, digest) = (
+            u64::from_le_bytes(got[..8].try_into().unwrap()),
+            u64::from_le_bytes(got[8..].try_into().unwrap()),
+        );
+        if got_id != id || digest != expected {
+            return Err(format!(
+                "connection {c}, request {r}: wrong answer (id {got_id:#x}, digest {digest:#x}; \
+                 expected id {id:#x}, digest {expected:#x})"
+            )
+            .into());
+        }
+    }
+    Ok(lat)
+}
+
+/// Requests per connection: `budget` seconds of this machine's cores, from
+/// a rough cost per request (the job, ~30 µs of protocol and scheduling,
+/// and the payload's copies at about 500 MB/s).
+fn requests_for(payload: usize, job_us: u64, connections: usize, budget: f64) -> usize {
+    let per_request_us = job_us as f64 + 30.0 + payload as f64 / 500.0;
+    let total = budget * cores() as f64 * 1e6 / per_request_us;
+    ((total / connections as f64) as usize).max(4)
+}
+
+// ---------------------------------------------------------------------------
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+fn size_name(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+fn main() -> Result<()> {
     ringipc::init();
     let args = Args::parse();
-    let engine = Engine::builder().build()?;
-    // The pool's result readers run on core 0's runtime.
-    let pool = engine
-        .block_on(|| async { Pool::builder(hash_job).name("hash-worker").build().await })??;
-    println!(
-        "engine: {} cores on {}; pool: {} workers",
-        engine.cores().len(),
-        engine.backend(),
-        pool.workers()
-    );
+    let modes: Vec<&Mode> = args
+        .modes
+        .iter()
+        .map(|m| {
+            MODES.iter().find(|x| x.name == m).ok_or_else(|| {
+                let known: Vec<_> = MODES.iter().map(|x| x.name).collect();
+                format!("unknown mode {m:?}; known: {}", known.join(", "))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let per_us = calibrate();
+
     if let Some(port) = args.serve {
-        let addr = serve(&engine, pool, port, args.rounds)?;
-        println!("serving on {addr}; Ctrl-C to stop");
+        let job_us = args.job_us.first().copied().unwrap_or(1000);
+        let rounds = (job_us as f64 * per_us) as u64;
+        let engine = Engine::builder().build()?;
+        let pool = start_pool(&engine, Pool::builder(hash_job).name("hash-worker"))?;
+        let p = pool.clone();
+        let addr = serve_on_engine(&engine, port, move |conn| {
+            pool_conn(conn, p.clone(), rounds)
+        })?;
+        println!("pool mode serving on {addr} ({job_us} µs jobs); Ctrl-C to stop");
         loop {
             std::thread::park();
         }
     }
-    let addr = serve(&engine, pool.clone(), 0, args.rounds)?;
-    let (elapsed, mut lat) = load(addr, &args);
-    lat.sort();
-    let n = lat.len();
+
+    let backend = ringipc::default_backend()?;
     println!(
-        "{n} requests over {} connections in {elapsed:.2?}: {:.0} req/s, latency p50 {:.2?} p99 {:.2?}",
-        args.connections,
-        n as f64 / elapsed.as_secs_f64(),
-        lat[n / 2],
-        lat[(n * 99 / 100).min(n - 1)]
+        "{} cores, ringipc backend {backend}, {:.0} work rounds/µs, {} connections",
+        cores(),
+        per_us,
+        args.connections
     );
-    for s in pool.stats() {
-        println!(
-            "  worker {} (pid {}, core {:?}): {} jobs, {} failed, {} restarts, busy {:.2?}",
-            s.worker, s.pid, s.core, s.jobs_done, s.jobs_failed, s.restarts, s.busy
-        );
+    let budget = if args.quick { 0.02 } else { 2.5 };
+    println!(
+        "{:<15} {:>8} {:>7} {:>9} {:>10} {:>10} {:>10} {:>8}",
+        "mode", "payload", "job", "req/s", "p50", "p99", "max", "vs s-b"
+    );
+    for &payload in &args.payloads {
+        for &job_us in &args.job_us {
+            let case = Case {
+                payload,
+                job_us,
+                rounds: (job_us as f64 * per_us) as u64,
+                connections: args.connections,
+                requests: args
+                    .requests
+                    .unwrap_or_else(|| requests_for(payload, job_us, args.connections, budget)),
+            };
+            // Every mode runs first, so each row can show its ratio to the
+            // baseline whatever the order on the command line.
+            let mut rows = Vec::new();
+            for mode in &modes {
+                let m = (mode.run)(&case).map_err(|e| format!("{} mode: {e}", mode.name))?;
+                let rate = m.latencies.len() as f64 / m.elapsed.as_secs_f64();
+                rows.push((mode.name, rate, m));
+            }
+            let base = rows.iter().find(|r| r.0 == BASELINE).map(|r| r.1);
+            for (name, rate, m) in &rows {
+                let ratio = base.map_or("-".to_string(), |b| format!("{:.2}×", rate / b));
+                println!(
+                    "{:<15} {:>8} {:>7} {:>9.0} {:>10.2?} {:>10.2?} {:>10.2?} {:>8}",
+                    name,
+                    size_name(case.payload),
+                    format!("{} µs", case.job_us),
+                    rate,
+                    percentile(&m.latencies, 50),
+                    percentile(&m.latencies, 99),
+                    m.latencies.last().copied().unwrap_or_default(),
+                    ratio
+                );
+            }
+        }
     }
-    engine.block_on(move || async move { pool.shutdown().await })??;
     Ok(())
 }
