@@ -9,6 +9,9 @@
 //!   copies no request or answer bytes);
 //! - `handoff-conn`: the same, but the job is the whole connection: the
 //!   worker serves it until the client closes it;
+//! - `prefork`: a [`Prefork`] server: one pinned child per core accepts on
+//!   one listening socket and reads, computes and answers in place (no
+//!   engine, no copy through a parent);
 //! - `spawn-blocking`: a tokio multi-thread runtime, compute in
 //!   `spawn_blocking` (no ringipc);
 //! - `rayon`: a tokio multi-thread runtime for I/O, compute on a rayon pool.
@@ -27,11 +30,10 @@
 //! answer stops the run with an error.
 //!
 //! A mode is one function from a [`Case`] to its measurements, listed in
-//! [`MODES`]; another server (a prefork one, say) is one more function and
-//! one more line there.
+//! [`MODES`]; another server is one more function and one more line there.
 
 use clap::Parser;
-use ringipc::{Engine, Fd, Pool};
+use ringipc::{Drain, Engine, Fd, Pool, Prefork};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -47,7 +49,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "pool,handoff,handoff-conn,spawn-blocking,rayon"
+        default_value = "pool,handoff,handoff-conn,prefork,spawn-blocking,rayon"
     )]
     modes: Vec<String>,
     /// Request payload sizes in bytes.
@@ -111,6 +113,10 @@ const MODES: &[Mode] = &[
     Mode {
         name: "handoff-conn",
         run: handoff_conn_mode,
+    },
+    Mode {
+        name: "prefork",
+        run: prefork_mode,
     },
     Mode {
         name: "spawn-blocking",
@@ -482,6 +488,47 @@ fn handoff_mode(case: &Case) -> Result<Measured> {
 
 /// A tokio multi-thread runtime with one worker per core, accepting on
 /// loopback and running `on_conn` for each connection.
+/// A `prefork` child's connection: read, compute and answer in place, on
+/// the child's own runtime, until the client closes or the child drains.
+async fn prefork_conn(mut conn: tokio::net::TcpStream, mut drain: Drain, rounds: u64) {
+    let _ = conn.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        tokio::select! {
+            r = read_request(&mut conn, &mut buf) => match r {
+                Ok(true) => {}
+                _ => return,
+            },
+            // Between requests only: this server drains after the load.
+            _ = drain.wait() => return,
+        }
+        // The child is a pinned process of its own: computing inline is
+        // what it is for (its other connections wait, as they would for a
+        // thread pool of one thread per core).
+        let digest = work(&buf, rounds);
+        if conn.write_all(&answer(&buf, digest)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn prefork_mode(case: &Case) -> Result<Measured> {
+    // The supervisors' runtime keeps running beside the load generator.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let server = rt.block_on(
+        Prefork::builder(prefork_conn, case.rounds)
+            .name("prefork")
+            .start(listener),
+    )?;
+    let measured = load(server.local_addr(), case);
+    rt.block_on(server.shutdown(Duration::from_secs(5)))?;
+    measured
+}
+
 fn serve_on_tokio<F, Fut>(on_conn: F) -> Result<(tokio::runtime::Runtime, SocketAddr)>
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,

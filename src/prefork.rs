@@ -13,9 +13,13 @@ use crate::backend::Backend;
 use crate::backend::reactor::RuntimeFd;
 use crate::channel::{Receiver, Sender};
 use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Decode, Encode};
 use crate::process::spec::Spec;
 use crate::process::{Affinity, ExitStatus, Fd, Process};
 use crate::sys;
+use rkyv::Deserialize;
+use rkyv::api::high::HighDeserializer;
+use rkyv::rancor;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,15 +30,17 @@ use tokio::task::JoinHandle;
 /// What a prefork child is started with.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[doc(hidden)]
-pub struct PreforkArgs {
+pub struct PreforkArgs<S> {
     listener: Fd<TcpListener>,
     /// A message (or the parent going away) means: drain and exit.
     drain: Receiver<u8>,
     /// The handler's code address, as an offset (see `Spec::offset`).
     handler: i64,
+    /// The application's state, cloned for each connection.
+    state: S,
 }
 
-type Launcher = fn(PreforkArgs, &ChildOptions) -> Result<Process<()>>;
+type Launcher<S> = fn(PreforkArgs<S>, &ChildOptions) -> Result<Process<()>>;
 
 #[derive(Clone)]
 struct ChildOptions {
@@ -68,21 +74,23 @@ impl Drain {
 /// The accept loop of a child: serves each connection with `handler`
 /// until told to drain (a message or EOF on `drain`, or SIGTERM), then
 /// stops accepting, tells the handlers ([`Drain`]) and waits for them.
-async fn child_main<Fut>(args: PreforkArgs)
+async fn child_main<S, Fut>(args: PreforkArgs<S>)
 where
+    S: Clone,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    // SAFETY: `handler` is the offset of a `fn(tokio::net::TcpStream, Drain)
-    // -> Fut` in this same binary, taken by `Prefork::builder` for exactly
-    // this Fut.
+    // SAFETY: `handler` is the offset of a `fn(tokio::net::TcpStream, Drain,
+    // S) -> Fut` in this same binary, taken by `Prefork::builder` for exactly
+    // these S and Fut.
     let handler = unsafe {
-        std::mem::transmute::<usize, fn(tokio::net::TcpStream, Drain) -> Fut>(Spec::resolve(
+        std::mem::transmute::<usize, fn(tokio::net::TcpStream, Drain, S) -> Fut>(Spec::resolve(
             args.handler,
         ))
     };
     let PreforkArgs {
         listener,
         mut drain,
+        state,
         ..
     } = args;
     let listener = listener
@@ -106,7 +114,7 @@ where
         tokio::select! {
             r = listener.accept() => {
                 if let Ok((conn, _)) = r {
-                    tasks.spawn(handler(conn, Drain(drain_rx.clone())));
+                    tasks.spawn(handler(conn, Drain(drain_rx.clone()), state.clone()));
                 }
             }
             _ = drain.recv() => break,
@@ -142,10 +150,11 @@ pub struct PreforkChildStats {
     pub last_exit: Option<ExitStatus>,
 }
 
-/// A builder for a [`Prefork`] server.
-pub struct PreforkBuilder {
+/// A builder for a [`Prefork`] server whose handler takes state `S`.
+pub struct PreforkBuilder<S> {
     handler: usize,
-    launcher: Launcher,
+    launcher: Launcher<S>,
+    state: S,
     children: Option<usize>,
     pin: bool,
     name: String,
@@ -160,15 +169,17 @@ pub struct PreforkBuilder {
 /// use std::time::Duration;
 /// use tokio::io::AsyncWriteExt;
 ///
-/// async fn hello(mut conn: tokio::net::TcpStream, _: ringipc::Drain) {
-///     let _ = conn.write_all(b"hello\n").await;
+/// async fn hello(mut conn: tokio::net::TcpStream, _: ringipc::Drain, greeting: String) {
+///     let _ = conn.write_all(greeting.as_bytes()).await;
 /// }
 ///
 /// fn main() -> ringipc::Result<()> {
 ///     ringipc::init();
 ///     tokio::runtime::Runtime::new().unwrap().block_on(async {
 ///         let listener = std::net::TcpListener::bind("127.0.0.1:8080").unwrap();
-///         let server = Prefork::builder(hello).start(listener).await?;
+///         let server = Prefork::builder(hello, "hello\n".to_string())
+///             .start(listener)
+///             .await?;
 ///         tokio::time::sleep(Duration::from_secs(60)).await; // serve a minute
 ///         // Stop accepting, finish what was accepted, at most 10 s.
 ///         server.shutdown(Duration::from_secs(10)).await
@@ -192,15 +203,24 @@ pub struct Prefork {
 impl Prefork {
     /// A builder for a server whose children serve each connection with
     /// the async `handler`, given a [`Drain`] that says when to stop taking
-    /// requests on it.
-    pub fn builder<Fut>(handler: fn(tokio::net::TcpStream, Drain) -> Fut) -> PreforkBuilder
+    /// requests on it and a clone of `state`. The state travels to each
+    /// child in its start arguments (so it may hold `Fd`s and channel ends,
+    /// like any child argument), and is cloned for each connection there;
+    /// use `()` for none.
+    pub fn builder<S, Fut>(
+        handler: fn(tokio::net::TcpStream, Drain, S) -> Fut,
+        state: S,
+    ) -> PreforkBuilder<S>
     where
+        S: Encode + Decode + Clone + Send + 'static,
+        S::Archived: Deserialize<S, HighDeserializer<rancor::Error>>,
         Fut: Future<Output = ()> + Send + 'static,
     {
         PreforkBuilder {
             handler: handler as usize,
+            state,
             launcher: |args, o| {
-                Process::builder_async(child_main::<Fut>)
+                Process::builder_async(child_main::<S, Fut>)
                     .arg(args)
                     .name(o.name.clone())
                     .pin(o.affinity.clone())
@@ -215,7 +235,10 @@ impl Prefork {
     }
 }
 
-impl PreforkBuilder {
+impl<S: Clone + Send + 'static> PreforkBuilder<S>
+where
+    PreforkArgs<S>: Encode,
+{
     /// Number of children (default: one per core this process may use).
     pub fn children(mut self, n: usize) -> Self {
         self.children = Some(n);
@@ -261,7 +284,13 @@ impl PreforkBuilder {
                 backend: self.backend,
             };
             // On error, the children started so far are killed as they drop.
-            let child = start_child(self.launcher, self.handler, &listener, &opts)?;
+            let child = start_child(
+                self.launcher,
+                self.handler,
+                &listener,
+                &opts,
+                self.state.clone(),
+            )?;
             lock(&state).push(PreforkChildStats {
                 child: i,
                 pid: child.0.pid(),
@@ -277,10 +306,13 @@ impl PreforkBuilder {
                 tokio::spawn(supervise(
                     i,
                     child,
-                    opts,
-                    self.launcher,
-                    self.handler,
-                    listener.clone(),
+                    Respawn {
+                        opts,
+                        launcher: self.launcher,
+                        handler: self.handler,
+                        listener: listener.clone(),
+                        state: self.state.clone(),
+                    },
                     state.clone(),
                     stop.subscribe(),
                 ))
@@ -299,11 +331,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn start_child(
-    launcher: Launcher,
+fn start_child<S>(
+    launcher: Launcher<S>,
     handler: usize,
     listener: &TcpListener,
     opts: &ChildOptions,
+    state: S,
 ) -> Result<(Process<()>, Sender<u8>)> {
     let listener = listener
         .try_clone()
@@ -315,20 +348,38 @@ fn start_child(
         listener: Fd(listener),
         drain: drain_rx,
         handler: Spec::offset(handler),
+        state,
     };
     Ok((launcher(args, opts)?, drain_tx))
 }
 
-/// Keeps child `i` running until shutdown; returns whether it had to be
-/// killed at the shutdown deadline.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    i: usize,
-    mut child: (Process<()>, Sender<u8>),
+/// What it takes to start a replacement child.
+struct Respawn<S> {
     opts: ChildOptions,
-    launcher: Launcher,
+    launcher: Launcher<S>,
     handler: usize,
     listener: Arc<TcpListener>,
+    state: S,
+}
+
+impl<S: Clone> Respawn<S> {
+    fn start(&self) -> Result<(Process<()>, Sender<u8>)> {
+        start_child(
+            self.launcher,
+            self.handler,
+            &self.listener,
+            &self.opts,
+            self.state.clone(),
+        )
+    }
+}
+
+/// Keeps child `i` running until shutdown; returns whether it had to be
+/// killed at the shutdown deadline.
+async fn supervise<S: Clone>(
+    i: usize,
+    mut child: (Process<()>, Sender<u8>),
+    respawn: Respawn<S>,
     state: Arc<Mutex<Vec<PreforkChildStats>>>,
     mut stop: watch::Receiver<Option<Instant>>,
 ) -> bool {
@@ -375,7 +426,7 @@ async fn supervise(
         } else {
             quick_deaths = 0;
         }
-        match start_child(launcher, handler, &listener, &opts) {
+        match respawn.start() {
             Ok(new) => {
                 let mut st = lock(&state);
                 st[i].pid = new.0.pid();

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Per request: the client sends a u32 of milliseconds; the child answers
-/// `b'A'` at once (the connection is accepted and being served), sleeps,
+/// the server's state, `b'A'`, at once (the connection is accepted and
+/// being served), sleeps,
 /// then echoes the u32 and waits for the next request (or a drain).
-async fn slow_echo(mut conn: tokio::net::TcpStream, mut drain: Drain) {
+async fn slow_echo(mut conn: tokio::net::TcpStream, mut drain: Drain, accepted: u8) {
     let mut buf = [0u8; 4];
     loop {
         // Between requests, a drain ends the connection.
@@ -21,7 +22,7 @@ async fn slow_echo(mut conn: tokio::net::TcpStream, mut drain: Drain) {
             r = conn.read_exact(&mut buf) => if r.is_err() { return },
             _ = drain.wait() => return,
         }
-        if conn.write_all(b"A").await.is_err() {
+        if conn.write_all(&[accepted]).await.is_err() {
             return;
         }
         let ms = u32::from_le_bytes(buf);
@@ -58,7 +59,7 @@ fn finish(mut c: TcpStream, ms: u32) {
 /// and the server goes on.
 fn serves_and_replaces_dead_children(b: Backend) {
     common::block_on(async {
-        let server = Prefork::builder(slow_echo)
+        let server = Prefork::builder(slow_echo, b'A')
             .children(2)
             .backend(b)
             .start(listener())
@@ -99,7 +100,7 @@ fn serves_and_replaces_dead_children(b: Backend) {
 /// kills the child and says so.
 fn drain_loses_no_accepted_connection(b: Backend) {
     common::block_on(async {
-        let server = Prefork::builder(slow_echo)
+        let server = Prefork::builder(slow_echo, b'A')
             .children(2)
             .backend(b)
             .start(listener())
@@ -122,7 +123,7 @@ fn drain_loses_no_accepted_connection(b: Backend) {
         .unwrap();
         assert!(TcpStream::connect(addr).is_err(), "still accepting");
 
-        let server = Prefork::builder(slow_echo)
+        let server = Prefork::builder(slow_echo, b'A')
             .children(1)
             .backend(b)
             .start(listener())
@@ -149,7 +150,7 @@ fn drain_loses_no_accepted_connection(b: Backend) {
 /// A child sent SIGTERM finishes its connection, exits 0, and is replaced.
 fn child_drains_on_sigterm(b: Backend) {
     common::block_on(async {
-        let server = Prefork::builder(slow_echo)
+        let server = Prefork::builder(slow_echo, b'A')
             .children(1)
             .backend(b)
             .start(listener())
