@@ -518,11 +518,12 @@ fn prefork_mode(case: &Case) -> Result<Measured> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    // One SO_REUSEPORT socket per child: the clients' connections, opened
+    // at once and kept, are spread over the children.
     let server = rt.block_on(
         Prefork::builder(prefork_conn, case.rounds)
             .name("prefork")
-            .start(listener),
+            .bind("127.0.0.1:0".parse()?),
     )?;
     let measured = load(server.local_addr(), case);
     rt.block_on(server.shutdown(Duration::from_secs(5)))?;

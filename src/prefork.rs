@@ -263,20 +263,67 @@ where
         self
     }
 
-    /// Starts the children on `listener` (bound and listening) and their
-    /// supervisors on the current tokio runtime, which must keep running
-    /// until [`Prefork::shutdown`].
+    /// Starts the children on `listener` (bound and listening), which they
+    /// share, and their supervisors on the current tokio runtime, which must
+    /// keep running until [`Prefork::shutdown`].
+    ///
+    /// With one shared socket, a connection goes to whichever child is in
+    /// `accept` first: a burst of connections can all land on one child
+    /// (it accepts again before the others wake). For connections that
+    /// stay open, [`PreforkBuilder::bind`] spreads them evenly.
     pub async fn start(self, listener: TcpListener) -> Result<Prefork> {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("prefork: listener address", e))?;
-        let cores = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
-        let n = self.children.unwrap_or(cores.len()).max(1);
         let listener = Arc::new(listener);
+        let n = self.child_count()?;
+        self.launch(addr, vec![listener; n]).await
+    }
+
+    /// Binds one listening socket per child on `addr`, all with
+    /// `SO_REUSEPORT` (port 0: the first picks a port, the others share
+    /// it), and starts the children and their supervisors as
+    /// [`PreforkBuilder::start`] does. The kernel spreads connections over
+    /// the sockets by a hash of their addresses, so each child gets its
+    /// share; a child's socket (and its backlog) outlives the child, for its
+    /// replacement.
+    pub async fn bind(self, addr: SocketAddr) -> Result<Prefork> {
+        let n = self.child_count()?;
+        let listen = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+            let sock = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            sock.set_reuseport(true)?;
+            sock.set_reuseaddr(true)?;
+            sock.bind(addr)?;
+            sock.listen(1024)?.into_std()
+        };
+        let first = listen(addr).map_err(|e| Error::io(format!("prefork: bind {addr}"), e))?;
+        let addr = first
+            .local_addr()
+            .map_err(|e| Error::io("prefork: listener address", e))?;
+        let mut listeners = vec![Arc::new(first)];
+        for _ in 1..n {
+            let l = listen(addr).map_err(|e| Error::io(format!("prefork: bind {addr}"), e))?;
+            listeners.push(Arc::new(l));
+        }
+        self.launch(addr, listeners).await
+    }
+
+    fn child_count(&self) -> Result<usize> {
+        let cores = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
+        Ok(self.children.unwrap_or(cores.len()).max(1))
+    }
+
+    /// Starts child `i` on `listeners[i]`, and its supervisor.
+    async fn launch(self, addr: SocketAddr, listeners: Vec<Arc<TcpListener>>) -> Result<Prefork> {
+        let cores = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
+        let n = listeners.len();
         let (stop, _) = watch::channel(None);
         let state = Arc::new(Mutex::new(Vec::with_capacity(n)));
         let mut started = Vec::with_capacity(n);
-        for i in 0..n {
+        for (i, listener) in listeners.iter().enumerate() {
             let core = self.pin.then(|| cores[i % cores.len()]);
             let opts = ChildOptions {
                 name: format!("{}-{i}", self.name),
@@ -287,7 +334,7 @@ where
             let child = start_child(
                 self.launcher,
                 self.handler,
-                &listener,
+                listener,
                 &opts,
                 self.state.clone(),
             )?;
@@ -301,8 +348,9 @@ where
         }
         let supervisors = started
             .into_iter()
+            .zip(listeners)
             .enumerate()
-            .map(|(i, (child, opts))| {
+            .map(|(i, ((child, opts), listener))| {
                 tokio::spawn(supervise(
                     i,
                     child,
@@ -310,7 +358,7 @@ where
                         opts,
                         launcher: self.launcher,
                         handler: self.handler,
-                        listener: listener.clone(),
+                        listener,
                         state: self.state.clone(),
                     },
                     state.clone(),

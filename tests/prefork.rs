@@ -185,6 +185,56 @@ fn child_drains_on_sigterm(b: Backend) {
     });
 }
 
+/// Answers the serving child's pid, then holds the connection until the
+/// client closes it or the child drains.
+async fn whoami(mut conn: tokio::net::TcpStream, mut drain: Drain, _: ()) {
+    if conn
+        .write_all(&std::process::id().to_le_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = [0u8; 1];
+    tokio::select! {
+        _ = conn.read(&mut buf) => {}
+        _ = drain.wait() => {}
+    }
+}
+
+/// `bind`: one SO_REUSEPORT socket per child, so a burst of connections
+/// that stay open is spread over the children (with one shared socket it
+/// can all land on the first child to wake).
+fn bind_spreads_connections(b: Backend) {
+    common::block_on(async {
+        let server = Prefork::builder(whoami, ())
+            .children(2)
+            .backend(b)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let pids: std::collections::HashSet<u32> = tokio::task::spawn_blocking(move || {
+            let conns: Vec<TcpStream> =
+                (0..32).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            conns
+                .into_iter()
+                .map(|mut c| {
+                    let mut pid = [0u8; 4];
+                    c.read_exact(&mut pid).unwrap();
+                    u32::from_le_bytes(pid)
+                })
+                .collect()
+        })
+        .await
+        .unwrap();
+        let children: std::collections::HashSet<u32> =
+            server.stats().iter().map(|s| s.pid).collect();
+        assert_eq!(pids, children, "32 connections did not reach both children");
+        server.shutdown(Duration::from_secs(10)).await.unwrap();
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -197,5 +247,6 @@ fn main() {
             drain_loses_no_accepted_connection,
         ),
         ("child_drains_on_sigterm", child_drains_on_sigterm),
+        ("bind_spreads_connections", bind_spreads_connections),
     ]);
 }
