@@ -509,6 +509,10 @@ async fn prefork_conn(mut conn: tokio::net::TcpStream, mut drain: Drain, rounds:
         if conn.write_all(&answer(&buf, digest)).await.is_err() {
             return;
         }
+        // Let the child's other connections have their turn: a fast client's
+        // next request is often there already, and this task would go on
+        // computing until tokio's budget forced a yield (tens of requests).
+        tokio::task::yield_now().await;
     }
 }
 
@@ -518,12 +522,15 @@ fn prefork_mode(case: &Case) -> Result<Measured> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    // One SO_REUSEPORT socket per child: the clients' connections, opened
-    // at once and kept, are spread over the children.
+    // One shared socket: a child ahead of another stops accepting, so the
+    // clients' connections, opened at once and kept, are spread evenly
+    // (`bind`, one SO_REUSEPORT socket per child, spreads them by hash,
+    // rarely evenly).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let server = rt.block_on(
         Prefork::builder(prefork_conn, case.rounds)
             .name("prefork")
-            .bind("127.0.0.1:0".parse()?),
+            .start(listener),
     )?;
     let measured = load(server.local_addr(), case);
     rt.block_on(server.shutdown(Duration::from_secs(5)))?;

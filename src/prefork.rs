@@ -22,6 +22,8 @@ use rkyv::api::high::HighDeserializer;
 use rkyv::rancor;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -38,6 +40,78 @@ pub struct PreforkArgs<S> {
     handler: i64,
     /// The application's state, cloned for each connection.
     state: S,
+    /// With one shared socket: the children's load counters and this
+    /// child's index in them.
+    loads: Option<(Fd<OwnedFd>, u32)>,
+}
+
+/// How many connections each child holds, in shared memory (one sealed
+/// memfd, mapped by the parent and by every child). With one shared
+/// socket, a child accepts only while it holds no more connections than
+/// the least-loaded child that accepts, so a burst of connections is spread
+/// over the children instead of going to the first one to wake. `NOT_ACCEPTING`
+/// marks a child that is starting, draining or dead.
+struct Loads {
+    base: *mut u8,
+    n: usize,
+}
+
+/// One counter per cache line.
+const LOAD_STRIDE: usize = 64;
+const NOT_ACCEPTING: u32 = u32::MAX;
+
+// SAFETY: the mapping is shared memory accessed only through atomics, and
+// lives (unmapped only in Drop) as long as the value.
+unsafe impl Send for Loads {}
+// SAFETY: as above: every access is an atomic operation.
+unsafe impl Sync for Loads {}
+
+impl Loads {
+    fn create(n: usize) -> Result<(Loads, OwnedFd)> {
+        let fd = sys::memfd_sealed(c"ringipc-prefork-loads", n * LOAD_STRIDE)
+            .map_err(|e| Error::io("prefork: load counters", e))?;
+        let loads = Loads::map(&fd, n)?;
+        for i in 0..n {
+            loads.at(i).store(NOT_ACCEPTING, Ordering::Relaxed);
+        }
+        Ok((loads, fd))
+    }
+
+    fn map(fd: &OwnedFd, n: usize) -> Result<Loads> {
+        let (size, sealed) =
+            sys::sealed_size(fd.as_raw_fd()).map_err(|e| Error::io("prefork: load counters", e))?;
+        if n == 0 || size != n * LOAD_STRIDE || !sealed {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                "prefork: the load counters are not what the parent made",
+            ));
+        }
+        let base = sys::mmap_shared(fd.as_raw_fd(), size)
+            .map_err(|e| Error::io("prefork: map the load counters", e))?;
+        Ok(Loads { base, n })
+    }
+
+    fn at(&self, i: usize) -> &AtomicU32 {
+        assert!(i < self.n);
+        // SAFETY: `i < n`, so the counter lies inside the mapping, which is
+        // page aligned (so each 64-byte slot is aligned for a u32) and lives
+        // as long as `self`; it is only ever accessed atomically.
+        unsafe { &*self.base.add(i * LOAD_STRIDE).cast::<AtomicU32>() }
+    }
+
+    /// Whether child `i` holds more connections than some child that accepts.
+    fn ahead(&self, i: usize) -> bool {
+        let mine = self.at(i).load(Ordering::Relaxed);
+        (0..self.n).any(|j| self.at(j).load(Ordering::Relaxed) < mine)
+    }
+}
+
+impl Drop for Loads {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping `map` made; no reference into it
+        // outlives `self` (`at` borrows `self`).
+        unsafe { sys::munmap(self.base, self.n * LOAD_STRIDE) };
+    }
 }
 
 type Launcher<S> = fn(PreforkArgs<S>, &ChildOptions) -> Result<Process<()>>;
@@ -91,8 +165,22 @@ where
         listener,
         mut drain,
         state,
+        loads,
         ..
     } = args;
+    let loads = match loads {
+        Some((fd, i)) => {
+            let n = sys::sealed_size(fd.0.as_raw_fd()).map_or(0, |(size, _)| size / LOAD_STRIDE);
+            match Loads::map(&fd.0, n) {
+                Ok(l) => Some((Arc::new(l), i as usize)),
+                Err(e) => {
+                    eprintln!("ringipc prefork child: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        None => None,
+    };
     let listener = listener
         .0
         .set_nonblocking(true)
@@ -110,13 +198,31 @@ where
         .ok();
     let mut tasks = tokio::task::JoinSet::new();
     let (draining, drain_rx) = watch::channel(false);
+    if let Some((l, i)) = &loads {
+        l.at(*i).store(0, Ordering::Relaxed);
+    }
     loop {
+        // Ahead of another child: let it take the next connection, and look
+        // again shortly (a connection waits in the backlog meanwhile).
+        let ahead = loads.as_ref().is_some_and(|(l, i)| l.ahead(*i));
         tokio::select! {
-            r = listener.accept() => {
+            r = listener.accept(), if !ahead => {
                 if let Ok((conn, _)) = r {
-                    tasks.spawn(handler(conn, Drain(drain_rx.clone()), state.clone()));
+                    let served = handler(conn, Drain(drain_rx.clone()), state.clone());
+                    match &loads {
+                        Some((l, i)) => {
+                            let (l, i) = (l.clone(), *i);
+                            l.at(i).fetch_add(1, Ordering::Relaxed);
+                            tasks.spawn(async move {
+                                served.await;
+                                l.at(i).fetch_sub(1, Ordering::Relaxed);
+                            });
+                        }
+                        None => drop(tasks.spawn(served)),
+                    }
                 }
             }
+            _ = tokio::time::sleep(Duration::from_micros(500)), if ahead => {}
             _ = drain.recv() => break,
             _ = async {
                 match sigterm.as_mut().map(RuntimeFd::registered) {
@@ -129,6 +235,9 @@ where
     }
     // Stop accepting: connections still in the backlog go to the children
     // that still accept (or are refused once the last listener closes).
+    if let Some((l, i)) = &loads {
+        l.at(*i).store(NOT_ACCEPTING, Ordering::Relaxed);
+    }
     drop(listener);
     let _ = draining.send(true);
     while tasks.join_next().await.is_some() {}
@@ -265,28 +374,32 @@ where
 
     /// Starts the children on `listener` (bound and listening), which they
     /// share, and their supervisors on the current tokio runtime, which must
-    /// keep running until [`Prefork::shutdown`].
+    /// keep running until [`Prefork::shutdown`]. Returns once every child
+    /// accepts (or after 10 s, or when one failed at once).
     ///
-    /// With one shared socket, a connection goes to whichever child is in
-    /// `accept` first: a burst of connections can all land on one child
-    /// (it accepts again before the others wake). For connections that
-    /// stay open, [`PreforkBuilder::bind`] spreads them evenly.
+    /// A connection goes to a child in `accept`; a child that holds more
+    /// connections than another stops accepting until the other catches up
+    /// (counters in shared memory), so a burst of connections that stay
+    /// open is spread over the children rather than taken by the first one
+    /// to wake.
     pub async fn start(self, listener: TcpListener) -> Result<Prefork> {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("prefork: listener address", e))?;
         let listener = Arc::new(listener);
         let n = self.child_count()?;
-        self.launch(addr, vec![listener; n]).await
+        let (loads, fd) = Loads::create(n)?;
+        let shared = Arc::new(SharedLoads { loads, fd });
+        self.launch(addr, vec![listener; n], Some(shared)).await
     }
 
     /// Binds one listening socket per child on `addr`, all with
     /// `SO_REUSEPORT` (port 0: the first picks a port, the others share
     /// it), and starts the children and their supervisors as
     /// [`PreforkBuilder::start`] does. The kernel spreads connections over
-    /// the sockets by a hash of their addresses, so each child gets its
-    /// share; a child's socket (and its backlog) outlives the child, for its
-    /// replacement.
+    /// the sockets by a hash of their addresses (roughly: 16 connections
+    /// over 2 children are rarely 8 and 8); a child's socket (and its
+    /// backlog) outlives the child, for its replacement.
     pub async fn bind(self, addr: SocketAddr) -> Result<Prefork> {
         let n = self.child_count()?;
         let listen = |addr: SocketAddr| -> std::io::Result<TcpListener> {
@@ -308,7 +421,7 @@ where
             let l = listen(addr).map_err(|e| Error::io(format!("prefork: bind {addr}"), e))?;
             listeners.push(Arc::new(l));
         }
-        self.launch(addr, listeners).await
+        self.launch(addr, listeners, None).await
     }
 
     fn child_count(&self) -> Result<usize> {
@@ -317,7 +430,12 @@ where
     }
 
     /// Starts child `i` on `listeners[i]`, and its supervisor.
-    async fn launch(self, addr: SocketAddr, listeners: Vec<Arc<TcpListener>>) -> Result<Prefork> {
+    async fn launch(
+        self,
+        addr: SocketAddr,
+        listeners: Vec<Arc<TcpListener>>,
+        loads: Option<Arc<SharedLoads>>,
+    ) -> Result<Prefork> {
         let cores = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
         let n = listeners.len();
         let (stop, _) = watch::channel(None);
@@ -337,6 +455,7 @@ where
                 listener,
                 &opts,
                 self.state.clone(),
+                loads.as_deref().map(|l| (l, i)),
             )?;
             lock(&state).push(PreforkChildStats {
                 child: i,
@@ -345,6 +464,18 @@ where
                 ..Default::default()
             });
             started.push((child, opts));
+        }
+        // With one shared socket, return once every child accepts: a child
+        // not accepting yet is left out of the balance, and a burst of
+        // connections right after `start` would all go to the first one.
+        if let Some(shared) = &loads {
+            let until = Instant::now() + Duration::from_secs(10);
+            while (0..n).any(|i| shared.loads.at(i).load(Ordering::Relaxed) == NOT_ACCEPTING)
+                && Instant::now() < until
+                && started.iter_mut().all(|((p, _), _)| p.is_alive())
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         let supervisors = started
             .into_iter()
@@ -355,11 +486,13 @@ where
                     i,
                     child,
                     Respawn {
+                        i,
                         opts,
                         launcher: self.launcher,
                         handler: self.handler,
                         listener,
                         state: self.state.clone(),
+                        loads: loads.clone(),
                     },
                     state.clone(),
                     stop.subscribe(),
@@ -379,16 +512,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The load counters of a shared socket, and their memfd (for children).
+struct SharedLoads {
+    loads: Loads,
+    fd: OwnedFd,
+}
+
 fn start_child<S>(
     launcher: Launcher<S>,
     handler: usize,
     listener: &TcpListener,
     opts: &ChildOptions,
     state: S,
+    loads: Option<(&SharedLoads, usize)>,
 ) -> Result<(Process<()>, Sender<u8>)> {
     let listener = listener
         .try_clone()
         .map_err(|e| Error::io("prefork: duplicate the listener", e))?;
+    let loads = match loads {
+        Some((shared, i)) => {
+            // Not accepting until the child says it is.
+            shared.loads.at(i).store(NOT_ACCEPTING, Ordering::Relaxed);
+            let fd = shared
+                .fd
+                .try_clone()
+                .map_err(|e| Error::io("prefork: duplicate the load counters", e))?;
+            Some((Fd(fd), i as u32))
+        }
+        None => None,
+    };
     let (drain_tx, drain_rx) = crate::channel::ChannelConfig::new()
         .backend(opts.backend)
         .pipe::<u8>()?;
@@ -397,17 +549,20 @@ fn start_child<S>(
         drain: drain_rx,
         handler: Spec::offset(handler),
         state,
+        loads,
     };
     Ok((launcher(args, opts)?, drain_tx))
 }
 
 /// What it takes to start a replacement child.
 struct Respawn<S> {
+    i: usize,
     opts: ChildOptions,
     launcher: Launcher<S>,
     handler: usize,
     listener: Arc<TcpListener>,
     state: S,
+    loads: Option<Arc<SharedLoads>>,
 }
 
 impl<S: Clone> Respawn<S> {
@@ -418,7 +573,15 @@ impl<S: Clone> Respawn<S> {
             &self.listener,
             &self.opts,
             self.state.clone(),
+            self.loads.as_deref().map(|l| (l, self.i)),
         )
+    }
+
+    /// The child died: it holds no connections and takes none.
+    fn gone(&self) {
+        if let Some(l) = &self.loads {
+            l.loads.at(self.i).store(NOT_ACCEPTING, Ordering::Relaxed);
+        }
     }
 }
 
@@ -455,6 +618,7 @@ async fn supervise<S: Clone>(
             lock(&state)[i].pid = 0;
             return killed;
         };
+        respawn.gone();
         {
             let mut st = lock(&state);
             st[i].last_exit = exited.ok();
