@@ -812,6 +812,49 @@ fn pool_rejects_a_result_for_another_job(b: Backend) {
     });
 }
 
+/// The sum of a job's bytes and its length.
+fn sum_job(data: Vec<u8>) -> (u64, u64) {
+    (data.iter().map(|&b| b as u64).sum(), data.len() as u64)
+}
+
+/// Large jobs go through the job pipe's arena (one copy into a slot), many
+/// at once so slots are reused; one larger than the whole arena (16 MiB)
+/// goes inline over the pipe. Each arrives whole.
+fn pool_large_jobs_through_the_arena(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(sum_job)
+            .workers(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let job = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        };
+        let want = |v: &Vec<u8>| (v.iter().map(|&b| b as u64).sum::<u64>(), v.len() as u64);
+        let calls: Vec<_> = (0..24u8)
+            .map(|seed| {
+                let p = pool.clone();
+                let v = job((1 << 20) + seed as usize * 4099, seed);
+                let w = want(&v);
+                tokio::spawn(async move {
+                    let r = p.call(v).await.unwrap();
+                    ((r.0.to_native(), r.1.to_native()), w)
+                })
+            })
+            .collect();
+        for c in calls {
+            let ((sum, len), (wsum, wlen)) = c.await.unwrap();
+            assert_eq!((sum, len), (wsum, wlen));
+        }
+        let big = job(20 << 20, 7);
+        let w = want(&big);
+        let got = pool.call(big).await.unwrap();
+        assert_eq!((got.0.to_native(), got.1.to_native()), w);
+        pool.shutdown().await.unwrap();
+    });
+}
+
 /// A request on a connection handed to the worker: reads a u32 and answers
 /// it plus `add` on the same connection; `add == u32::MAX` dies first.
 fn answer((add, conn): (u32, Fd<std::net::TcpStream>)) -> u32 {
@@ -979,5 +1022,9 @@ fn main() {
             pool_rejects_a_result_for_another_job,
         ),
         ("pool_jobs_carry_connections", pool_jobs_carry_connections),
+        (
+            "pool_large_jobs_through_the_arena",
+            pool_large_jobs_through_the_arena,
+        ),
     ]);
 }

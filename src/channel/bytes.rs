@@ -31,6 +31,16 @@ impl BytesSender {
         self.half.feed_flush().await
     }
 
+    /// Queues `bytes` (serialized already, meant to be read 16-byte
+    /// aligned) as one frame, through the arena when the channel has one
+    /// and they reach its threshold. Fails with nothing queued.
+    pub(crate) async fn feed_frame(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.half.push_bytes(bytes).await? {
+            return self.half.flush().await;
+        }
+        self.half.feed_flush().await
+    }
+
     /// Sends one frame carrying `bytes`; see [`Sender::send`].
     pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
         self.half.wait_room().await?;

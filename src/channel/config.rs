@@ -221,9 +221,10 @@ impl ChannelConfig {
         Ok((BytesSender { half: w }, BytesReceiver { half: r }))
     }
 
-    /// A raw-bytes channel with this config's arena, for the pool's result
-    /// pipes: frames go out with [`BytesSender::feed_message`] and come in
-    /// with [`BytesReceiver::recv_owned_frame`].
+    /// A raw-bytes channel with this config's arena, for the pool's job and
+    /// result pipes: frames go out with [`BytesSender::feed_message`] or
+    /// [`BytesSender::feed_frame`] and come in with
+    /// [`BytesReceiver::recv_owned_frame`] or [`BytesReceiver::recv`].
     pub(crate) fn bytes_pipe_with_arena(&self) -> Result<(BytesSender, BytesReceiver)> {
         let (r, w) = self.ends()?;
         Ok((BytesSender { half: w }, BytesReceiver { half: r }))

@@ -14,6 +14,42 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::task::{Context, Poll, ready};
 
+/// What a frame carries: a message to serialize, or bytes serialized
+/// already; written through a `SlotWriter` (which spills into an arena slot
+/// past the threshold) or inline into the encoder's buffer.
+trait Payload {
+    fn write(&self, w: SlotWriter<'_>) -> Result<()>;
+    fn inline(&self, buf: &mut Vec<u8>) -> Result<()>;
+}
+
+struct Archive<'a, T>(&'a T);
+
+impl<T: Encode> Payload for Archive<'_, T> {
+    fn write(&self, w: SlotWriter<'_>) -> Result<()> {
+        rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(self.0, w)
+            .map(drop)
+            .map_err(crate::message::serialize_error)
+    }
+
+    fn inline(&self, buf: &mut Vec<u8>) -> Result<()> {
+        encode_into(self.0, buf)
+    }
+}
+
+struct Bytes<'a>(&'a [u8]);
+
+impl Payload for Bytes<'_> {
+    fn write(&self, mut w: SlotWriter<'_>) -> Result<()> {
+        rkyv::ser::Writer::<rancor::BoxedError>::write(&mut w, self.0)
+            .map_err(crate::message::serialize_error)
+    }
+
+    fn inline(&self, buf: &mut Vec<u8>) -> Result<()> {
+        buf.extend_from_slice(self.0);
+        Ok(())
+    }
+}
+
 /// `feed` flushes by itself once this many bytes are queued, and a `send` or
 /// `feed` that finds this many queued writes them before it queues its own
 /// frame: a future dropped while it waits has queued nothing, so however
@@ -72,13 +108,26 @@ impl SendHalf {
     /// full.
     /// Returns whether the message went through the arena.
     pub(super) async fn push_message<T: Encode>(&mut self, value: &T) -> Result<bool> {
+        self.push_payload(&Archive(value)).await
+    }
+
+    /// Queues bytes already serialized (a pool job's frame) as one frame:
+    /// into an arena slot when the channel has an arena and they reach its
+    /// threshold (one copy, instead of two through the pipe), else inline.
+    /// The bytes must be what the receiver expects at a 16-byte-aligned
+    /// address: a slot is 4 KiB aligned. Waits as `push_message`.
+    pub(crate) async fn push_bytes(&mut self, bytes: &[u8]) -> Result<bool> {
+        self.push_payload(&Bytes(bytes)).await
+    }
+
+    async fn push_payload<P: Payload>(&mut self, payload: &P) -> Result<bool> {
         self.wait_room().await?;
         if self.arena.is_none() {
-            return self.push(|buf| encode_into(value, buf)).map(|()| false);
+            return self.push(|buf| payload.inline(buf)).map(|()| false);
         }
         loop {
             let seq = self.arena.as_ref().map_or(0, |a| a.next_seq);
-            match self.try_push_arena(value)? {
+            match self.try_push_arena(payload)? {
                 None => return Ok(self.arena.as_ref().is_some_and(|a| a.next_seq != seq)),
                 Some(tried) => {
                     // The receiver can only free slots whose descriptors it
@@ -98,7 +147,7 @@ impl SendHalf {
 
     /// One attempt: `Ok(None)` when queued, `Ok(Some(n))` when the arena's
     /// largest free extent (n bytes) was too small.
-    fn try_push_arena<T: Encode>(&mut self, value: &T) -> Result<Option<usize>> {
+    fn try_push_arena<P: Payload>(&mut self, payload: &P) -> Result<Option<usize>> {
         if self.closed {
             return Err(Error::new(ErrorKind::Closed, "send"));
         }
@@ -125,10 +174,7 @@ impl SendHalf {
         let seq = arena.next_seq;
         let pushed = self.enc.push_kind_with(
             |buf| {
-                let w = SlotWriter::new(&mut *buf, Some(&mut spill));
-                rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(value, w)
-                    .map(drop)
-                    .map_err(crate::message::serialize_error)?;
+                payload.write(SlotWriter::new(&mut *buf, Some(&mut spill)))?;
                 if !spill.spilled {
                     return Ok(FrameKind::Data);
                 }
@@ -163,7 +209,7 @@ impl SendHalf {
                 let need = spill.overflow.unwrap_or(0);
                 if arena.slots.all_free() || need > arena.arena.data_len() {
                     // Larger than the whole arena: inline over the pipe.
-                    self.push(|buf| encode_into(value, buf))?;
+                    self.push(|buf| payload.inline(buf))?;
                     return Ok(None);
                 }
                 Ok(Some(extent.map_or(0, |(_, l)| l)))

@@ -236,10 +236,11 @@ pub(super) struct Started {
 
 impl WorkerSpawner {
     pub fn spawn(&self) -> Result<Started> {
-        let (job_tx, job_rx) = self.cfg.bytes_pipe()?;
-        // Results may be large (an image, a tensor): their pipe has the
-        // config's arena, so a large result is serialized once into shared
-        // memory instead of being copied through the pipe.
+        // Jobs and results may be large (an image, a tensor): both pipes
+        // have the config's arena. A large result is serialized once into
+        // shared memory; a large job, serialized by its caller, is copied
+        // once into a slot instead of twice through the pipe.
+        let (job_tx, job_rx) = self.cfg.bytes_pipe_with_arena()?;
         let (res_tx, res_rx) = self.cfg.bytes_pipe_with_arena()?;
         let (fd_tx, fd_rx) = FdChannelConfig::new()
             .backend(self.cfg.backend_choice())
@@ -306,7 +307,7 @@ async fn write_job(tx: &mut BytesSender, fds: &mut FdSender<JobFds>, job: Queued
         fds.send((id, job.fds.into_iter().map(Fd).collect()))
             .await?;
     }
-    tx.feed(&job.frame).await
+    tx.feed_frame(&job.frame).await
 }
 
 /// Installs a started worker in slot `w`: its queue, pidfd and pid, and a
