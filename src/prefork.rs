@@ -59,6 +59,21 @@ struct Loads {
 /// One counter per cache line.
 const LOAD_STRIDE: usize = 64;
 const NOT_ACCEPTING: u32 = u32::MAX;
+/// A child's loop refreshes its heartbeat at least this often...
+const BEAT_MS: u64 = 20;
+/// ...and one whose heartbeat is older than this is not waited for.
+const STALE_MS: u32 = 100;
+
+/// CLOCK_MONOTONIC in milliseconds, wrapping: the same clock in every process.
+fn now_ms() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the kernel to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
+}
 
 // SAFETY: the mapping is shared memory accessed only through atomics, and
 // lives (unmapped only in Drop) as long as the value.
@@ -91,18 +106,42 @@ impl Loads {
         Ok(Loads { base, n })
     }
 
-    fn at(&self, i: usize) -> &AtomicU32 {
-        assert!(i < self.n);
-        // SAFETY: `i < n`, so the counter lies inside the mapping, which is
-        // page aligned (so each 64-byte slot is aligned for a u32) and lives
-        // as long as `self`; it is only ever accessed atomically.
-        unsafe { &*self.base.add(i * LOAD_STRIDE).cast::<AtomicU32>() }
+    /// Child `i`'s connection count (`word` 0) or heartbeat (`word` 1).
+    fn word(&self, i: usize, word: usize) -> &AtomicU32 {
+        assert!(i < self.n && word < 2);
+        // SAFETY: `i < n` and `word < 2`, so the u32 lies inside the
+        // mapping, which is page aligned (so each 64-byte slot, and a u32 at
+        // offset 0 or 4 in it, is aligned) and lives as long as `self`; it
+        // is only ever accessed atomically.
+        unsafe {
+            &*self
+                .base
+                .add(i * LOAD_STRIDE + word * 4)
+                .cast::<AtomicU32>()
+        }
     }
 
-    /// Whether child `i` holds more connections than some child that accepts.
+    fn at(&self, i: usize) -> &AtomicU32 {
+        self.word(i, 0)
+    }
+
+    /// Child `i` is running its accept loop now.
+    fn beat(&self, i: usize) {
+        self.word(i, 1).store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether child `i` holds more connections than some child that
+    /// accepts and is responsive. A child whose loop has not run for
+    /// `STALE_MS` (a handler blocking its runtime, say) is left out, so one
+    /// stuck child cannot stop the others from accepting.
     fn ahead(&self, i: usize) -> bool {
         let mine = self.at(i).load(Ordering::Relaxed);
-        (0..self.n).any(|j| self.at(j).load(Ordering::Relaxed) < mine)
+        let now = now_ms();
+        (0..self.n).any(|j| {
+            j != i
+                && self.at(j).load(Ordering::Relaxed) < mine
+                && now.wrapping_sub(self.word(j, 1).load(Ordering::Relaxed)) < STALE_MS
+        })
     }
 }
 
@@ -172,7 +211,11 @@ where
         Some((fd, i)) => {
             let n = sys::sealed_size(fd.0.as_raw_fd()).map_or(0, |(size, _)| size / LOAD_STRIDE);
             match Loads::map(&fd.0, n) {
-                Ok(l) => Some((Arc::new(l), i as usize)),
+                Ok(l) if (i as usize) < n => Some((Arc::new(l), i as usize)),
+                Ok(_) => {
+                    eprintln!("ringipc prefork child: index {i} outside the load counters");
+                    std::process::exit(1);
+                }
                 Err(e) => {
                     eprintln!("ringipc prefork child: {e}");
                     std::process::exit(1);
@@ -199,13 +242,19 @@ where
     let mut tasks = tokio::task::JoinSet::new();
     let (draining, drain_rx) = watch::channel(false);
     if let Some((l, i)) = &loads {
+        l.beat(*i);
         l.at(*i).store(0, Ordering::Relaxed);
     }
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(BEAT_MS));
     loop {
         // Ahead of another child: let it take the next connection, and look
         // again shortly (a connection waits in the backlog meanwhile).
-        let ahead = loads.as_ref().is_some_and(|(l, i)| l.ahead(*i));
+        let ahead = loads.as_ref().is_some_and(|(l, i)| {
+            l.beat(*i);
+            l.ahead(*i)
+        });
         tokio::select! {
+            _ = heartbeat.tick(), if loads.is_some() => {}
             r = listener.accept(), if !ahead => {
                 if let Ok((conn, _)) = r {
                     let served = handler(conn, Drain(drain_rx.clone()), state.clone());

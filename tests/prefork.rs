@@ -248,6 +248,59 @@ async fn burst_reaches_every_child(server: Prefork) {
     }
 }
 
+/// Answers its pid; a connection that then sends `h` blocks its child's
+/// runtime for 3 s (a handler that hangs), anything else ends it.
+async fn pid_or_hang(mut conn: tokio::net::TcpStream, _: Drain, _: ()) {
+    if conn
+        .write_all(&std::process::id().to_le_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut cmd = [0u8; 1];
+    if conn.read(&mut cmd).await.is_ok() && cmd[0] == b'h' {
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+/// A child whose handler blocks its runtime stops counting in the balance:
+/// the other child goes on accepting even when it holds more connections.
+fn a_stuck_child_does_not_stop_the_others(b: Backend) {
+    common::block_on(async {
+        let server = Prefork::builder(pid_or_hang, ())
+            .children(2)
+            .backend(b)
+            .start(listener())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        tokio::task::spawn_blocking(move || {
+            let open = || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut pid = [0u8; 4];
+                c.read_exact(&mut pid)
+                    .expect("a connection was not served within 2 s");
+                (c, u32::from_le_bytes(pid))
+            };
+            let (mut stuck, pid) = open();
+            stuck.write_all(b"h").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            // Five more connections, all held open: the other child takes
+            // them although it is soon ahead of the stuck one.
+            let others: Vec<_> = (0..5).map(|_| open()).collect();
+            assert!(
+                others.iter().all(|(_, p)| *p != pid),
+                "served by the stuck child"
+            );
+        })
+        .await
+        .unwrap();
+        server.shutdown(Duration::from_secs(10)).await.unwrap();
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -261,5 +314,9 @@ fn main() {
         ),
         ("child_drains_on_sigterm", child_drains_on_sigterm),
         ("a_burst_reaches_every_child", a_burst_reaches_every_child),
+        (
+            "a_stuck_child_does_not_stop_the_others",
+            a_stuck_child_does_not_stop_the_others,
+        ),
     ]);
 }
