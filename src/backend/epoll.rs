@@ -156,28 +156,7 @@ impl EpollSock {
         cx: &mut Context<'_>,
         msg: &mut Option<Box<MsgBuf>>,
     ) -> Poll<io::Result<usize>> {
-        let afd = self.fd.registered()?;
-        let Some(m) = msg.as_mut() else {
-            return Poll::Ready(Err(io::Error::other("no datagram to send")));
-        };
-        loop {
-            let mut guard = ready!(afd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| {
-                // SAFETY: `m.hdr()` describes this MsgBuf's own live buffers.
-                sys::cvt_isize(unsafe {
-                    libc::sendmsg(
-                        fd.as_raw_fd(),
-                        m.hdr(),
-                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                    )
-                })
-            }) {
-                Ok(Ok(n)) => return Poll::Ready(Ok(n)),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
+        self.poll_msg(cx, msg, false)
     }
 
     /// Receives one datagram into the buffer in `msg`; `Ok(n)` is its
@@ -187,21 +166,40 @@ impl EpollSock {
         cx: &mut Context<'_>,
         msg: &mut Option<Box<MsgBuf>>,
     ) -> Poll<io::Result<usize>> {
+        self.poll_msg(cx, msg, true)
+    }
+
+    /// A nonblocking `recvmsg` or `sendmsg` each time the reactor says the
+    /// socket is ready, until one does not return EAGAIN.
+    fn poll_msg(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<MsgBuf>>,
+        recv: bool,
+    ) -> Poll<io::Result<usize>> {
         let afd = self.fd.registered()?;
         let Some(m) = msg.as_mut() else {
-            return Poll::Ready(Err(io::Error::other("no receive buffer")));
+            return Poll::Ready(Err(io::Error::other("no datagram buffer")));
         };
         loop {
-            let mut guard = ready!(afd.poll_read_ready(cx))?;
-            m.rearm_recv();
+            let mut guard = if recv {
+                ready!(afd.poll_read_ready(cx))?
+            } else {
+                ready!(afd.poll_write_ready(cx))?
+            };
+            if recv {
+                m.rearm_recv();
+            }
             match guard.try_io(|fd| {
-                // SAFETY: `m.hdr()` describes this MsgBuf's own live, writable buffers.
+                let fd = fd.as_raw_fd();
+                // SAFETY: `m.hdr()` describes this MsgBuf's own live buffers
+                // (writable for a receive).
                 sys::cvt_isize(unsafe {
-                    libc::recvmsg(
-                        fd.as_raw_fd(),
-                        m.hdr(),
-                        libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-                    )
+                    if recv {
+                        libc::recvmsg(fd, m.hdr(), libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT)
+                    } else {
+                        libc::sendmsg(fd, m.hdr(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                    }
                 })
             }) {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),

@@ -393,47 +393,15 @@ impl UringSock {
         self.fd.as_raw_fd()
     }
 
-    /// Sends the datagram in `msg` (taken while in flight; given back if
-    /// the operation must start again). A send whose handle goes away is
-    /// left to finish: the datagram and its fds stay with the ring.
+    /// Sends the datagram in `msg` (with the ring while in flight; back in
+    /// `msg` when this returns). A send whose handle goes away is left to
+    /// finish: the datagram and its fds stay with the ring.
     pub(crate) fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
         msg: &mut Option<Box<MsgBuf>>,
     ) -> Poll<io::Result<usize>> {
-        loop {
-            if self.slot.op.is_none() {
-                let Some(mut m) = msg.take() else {
-                    return Poll::Ready(Err(io::Error::other("no datagram to send")));
-                };
-                let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), m.hdr())
-                    .flags(libc::MSG_NOSIGNAL as u32)
-                    .build();
-                if let Err((e, keep)) =
-                    self.slot
-                        .start(entry, Keep::Msg(m), Some(self.fd.clone()), false)
-                {
-                    if let Keep::Msg(m) = keep {
-                        *msg = Some(m);
-                    }
-                    return Poll::Ready(Err(e));
-                }
-            }
-            let (res, keep) = match ready!(self.slot.poll(cx))? {
-                Outcome::Done(res, keep) => (res, keep),
-                Outcome::Restart(keep) => {
-                    if let Keep::Msg(m) = keep {
-                        *msg = Some(m);
-                    }
-                    continue;
-                }
-            };
-            drop(keep);
-            if res < 0 {
-                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
-            }
-            return Poll::Ready(Ok(res as usize));
-        }
+        self.poll_msg(cx, msg, false)
     }
 
     /// Receives one datagram into `msg` (the buffer is with the ring while
@@ -444,18 +412,38 @@ impl UringSock {
         cx: &mut Context<'_>,
         msg: &mut Option<Box<MsgBuf>>,
     ) -> Poll<io::Result<usize>> {
+        self.poll_msg(cx, msg, true)
+    }
+
+    /// One SENDMSG or RECVMSG, started here unless one is in flight (from an
+    /// earlier poll, maybe on another thread's ring: then it moves here).
+    /// Receives are cancelled if the handle goes away (a pending one would
+    /// swallow a datagram); sends are left to finish.
+    fn poll_msg(
+        &mut self,
+        cx: &mut Context<'_>,
+        msg: &mut Option<Box<MsgBuf>>,
+        recv: bool,
+    ) -> Poll<io::Result<usize>> {
         loop {
             if self.slot.op.is_none() {
                 let Some(mut m) = msg.take() else {
-                    return Poll::Ready(Err(io::Error::other("no receive buffer")));
+                    return Poll::Ready(Err(io::Error::other("no datagram buffer")));
                 };
-                m.rearm_recv();
-                let entry = opcode::RecvMsg::new(types::Fd(self.fd.as_raw_fd()), m.hdr())
-                    .flags(libc::MSG_CMSG_CLOEXEC as u32)
-                    .build();
+                let fd = types::Fd(self.fd.as_raw_fd());
+                let entry = if recv {
+                    m.rearm_recv();
+                    opcode::RecvMsg::new(fd, m.hdr())
+                        .flags(libc::MSG_CMSG_CLOEXEC as u32)
+                        .build()
+                } else {
+                    opcode::SendMsg::new(fd, m.hdr())
+                        .flags(libc::MSG_NOSIGNAL as u32)
+                        .build()
+                };
                 if let Err((e, keep)) =
                     self.slot
-                        .start(entry, Keep::Msg(m), Some(self.fd.clone()), true)
+                        .start(entry, Keep::Msg(m), Some(self.fd.clone()), recv)
                 {
                     if let Keep::Msg(m) = keep {
                         *msg = Some(m);
@@ -463,17 +451,15 @@ impl UringSock {
                     return Poll::Ready(Err(e));
                 }
             }
-            let (res, keep) = match ready!(self.slot.poll(cx))? {
-                Outcome::Done(res, keep) => (res, keep),
-                Outcome::Restart(keep) => {
-                    if let Keep::Msg(m) = keep {
-                        *msg = Some(m);
-                    }
-                    continue;
-                }
+            let (res, keep, restart) = match ready!(self.slot.poll(cx))? {
+                Outcome::Done(res, keep) => (res, keep, false),
+                Outcome::Restart(keep) => (0, keep, true),
             };
             if let Keep::Msg(m) = keep {
                 *msg = Some(m);
+            }
+            if restart {
+                continue;
             }
             if res < 0 {
                 return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
