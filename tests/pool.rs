@@ -818,7 +818,7 @@ fn sum_job(data: Vec<u8>) -> (u64, u64) {
 }
 
 /// Large jobs go through the job pipe's arena (one copy into a slot), many
-/// at once so slots are reused; one larger than the whole arena (16 MiB)
+/// at once so slots are reused, after a run of calls dropped mid-way; one larger than the whole arena (16 MiB)
 /// goes inline over the pipe. Each arrives whole.
 fn pool_large_jobs_through_the_arena(b: Backend) {
     common::block_on(async {
@@ -832,7 +832,14 @@ fn pool_large_jobs_through_the_arena(b: Backend) {
             (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
         };
         let want = |v: &Vec<u8>| (v.iter().map(|&b| b as u64).sum::<u64>(), v.len() as u64);
-        let calls: Vec<_> = (0..24u8)
+        // Calls dropped mid-way (some before, some after their job was
+        // queued) leave no arena slot taken: the rounds below still run.
+        for seed in 0..32u8 {
+            let v = job(1 << 20, seed);
+            let _ =
+                tokio::time::timeout(Duration::from_micros(seed as u64 * 50), pool.call(v)).await;
+        }
+        let calls: Vec<_> = (0..48u8)
             .map(|seed| {
                 let p = pool.clone();
                 let v = job((1 << 20) + seed as usize * 4099, seed);
