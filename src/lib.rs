@@ -71,6 +71,7 @@ mod engine;
 mod error;
 mod fd_channel;
 pub mod framing;
+mod lane;
 mod message;
 mod pool;
 mod prefork;
@@ -92,6 +93,7 @@ pub use fd_channel::{
     ArchivedFdChannelState, FdChannelConfig, FdChannelResolver, FdChannelState, FdReceiver,
     FdSender, fd_channel,
 };
+pub use lane::Lane;
 pub use message::{Decode, Encode, Message, OwnedMessage};
 pub use pool::{DeathCause, MapResults, Pool, PoolBuilder, WorkerDeath, WorkerStats};
 pub use prefork::{Drain, Prefork, PreforkArgs, PreforkBuilder, PreforkChildStats};

@@ -350,6 +350,15 @@ pub struct PreforkBuilder<S> {
 /// kernel over the children waiting in `accept`. A child that dies is
 /// replaced (after a back-off if it dies at once), so a crash loses only the
 /// connections that child held.
+///
+/// A handler that computes does so on its child's one thread, and the
+/// child's other connections wait meanwhile. Compute through a [`Lane`]
+/// (a `static` one: one per child process) so that they take turns in the
+/// order their requests came; computed inline, tokio's order lets some
+/// requests wait two rounds of the others (p99 about 2× p50 in
+/// `examples/server.rs`).
+///
+/// [`Lane`]: crate::Lane
 pub struct Prefork {
     addr: SocketAddr,
     state: Arc<Mutex<Vec<PreforkChildStats>>>,

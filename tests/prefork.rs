@@ -4,7 +4,7 @@
 
 mod common;
 
-use ringipc::{Backend, Drain, ErrorKind, Prefork};
+use ringipc::{Backend, Drain, ErrorKind, Lane, Prefork};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -301,6 +301,79 @@ fn a_stuck_child_does_not_stop_the_others(b: Backend) {
     });
 }
 
+/// The child's turns for CPU work, and the order it gave them.
+static LANE: Lane = Lane::new();
+static TURNS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Per request (one byte): acknowledges it with `S`, computes through the
+/// lane (request `1` blocks the child 300 ms, as CPU work would; the
+/// others 10 ms), and answers the turn number it got.
+async fn take_turns(mut conn: tokio::net::TcpStream, _: Drain, _: ()) {
+    let mut req = [0u8; 1];
+    while conn.read_exact(&mut req).await.is_ok() {
+        if conn.write_all(b"S").await.is_err() {
+            return;
+        }
+        let turn = LANE
+            .run(|| {
+                let ms = if req[0] == b'1' { 300 } else { 10 };
+                std::thread::sleep(Duration::from_millis(ms));
+                TURNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            })
+            .await;
+        if conn.write_all(&[turn]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Handlers computing through a `Lane` take turns: a connection with a
+/// second request already waiting goes behind the connections whose
+/// requests came while its first one computed (computed inline, it would
+/// go on with its own second request first).
+fn handlers_take_turns_through_a_lane(b: Backend) {
+    common::block_on(async {
+        let server = Prefork::builder(take_turns, ())
+            .children(1)
+            .backend(b)
+            .start(listener())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let turns = tokio::task::spawn_blocking(move || {
+            let connect = || {
+                let c = TcpStream::connect(addr).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                c
+            };
+            let (mut a, mut b, mut c) = (connect(), connect(), connect());
+            let read = |conn: &mut TcpStream| {
+                let mut x = [0u8; 1];
+                conn.read_exact(&mut x).unwrap();
+                x[0]
+            };
+            // Both of a's requests at once; the first blocks the child.
+            a.write_all(b"12").unwrap();
+            assert_eq!(read(&mut a), b'S');
+            // These arrive while a's first request computes.
+            b.write_all(b"b").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            c.write_all(b"c").unwrap();
+            let a1 = read(&mut a);
+            let (b_ack, b_turn) = (read(&mut b), read(&mut b));
+            let (c_ack, c_turn) = (read(&mut c), read(&mut c));
+            let (a2_ack, a2) = (read(&mut a), read(&mut a));
+            assert_eq!((b_ack, c_ack, a2_ack), (b'S', b'S', b'S'));
+            (a1, b_turn, c_turn, a2)
+        })
+        .await
+        .unwrap();
+        assert_eq!(turns.0, 0, "{turns:?}");
+        assert_eq!(turns.3, 3, "a's second request went ahead: {turns:?}");
+        server.shutdown(Duration::from_secs(10)).await.unwrap();
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
@@ -317,6 +390,10 @@ fn main() {
         (
             "a_stuck_child_does_not_stop_the_others",
             a_stuck_child_does_not_stop_the_others,
+        ),
+        (
+            "handlers_take_turns_through_a_lane",
+            handlers_take_turns_through_a_lane,
         ),
     ]);
 }
