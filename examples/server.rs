@@ -7,8 +7,9 @@
 //!   the connection to a pool worker inside the job (`Fd<TcpStream>`); the
 //!   worker reads the request, computes and answers on it (the parent
 //!   copies no request or answer bytes);
-//! - `handoff-conn`: the same, but the job is the whole connection: the
-//!   worker serves it until the client closes it;
+//! - `handoff-conn`: the job is the whole connection, handed over once:
+//!   the worker serves it until the client closes it, beside its other
+//!   connections (an async handler, `concurrency`);
 //! - `prefork`: a [`Prefork`] server: one pinned child per core accepts on
 //!   one listening socket and reads, computes and answers in place (no
 //!   engine, no copy through a parent);
@@ -197,6 +198,11 @@ async fn read_request(
 // ---------------------------------------------------------------------------
 // Modes on ringipc: the engine accepts.
 
+/// Turns for CPU work in the processes that serve connections themselves
+/// (a `handoff-conn` worker, a `prefork` child): one per process, whose
+/// runtime has one thread.
+static LANE: Lane = Lane::new();
+
 /// Every engine core listens on one port (SO_REUSEPORT: the kernel spreads
 /// connections over the cores) and runs `on_conn` for each connection as a
 /// local task. The accept loops end when the engine is dropped.
@@ -305,63 +311,52 @@ fn pool_mode(case: &Case) -> Result<Measured> {
 }
 
 /// The `handoff-conn` job: the connection itself, served by the worker
-/// until the client closes it. Returns how many requests it answered.
-fn serve_connection((rounds, conn): (u64, Fd<std::net::TcpStream>)) -> u64 {
-    use std::io::{Read, Write};
-    let mut conn = conn.0;
-    // An idle or stalled client would hold this worker for good.
-    if conn.set_read_timeout(Some(CLIENT_STALL)).is_err() {
+/// until the client closes it, as one of many jobs the worker runs side by
+/// side (`concurrency`); their CPU work takes turns through the worker's
+/// lane, as in a prefork child. Returns how many requests it answered.
+async fn serve_connection((rounds, conn): (u64, Fd<std::net::TcpStream>)) -> u64 {
+    // The engine's socket was non-blocking (tokio's), and that belongs to
+    // the open file, which the worker's copy shares.
+    let Ok(mut conn) = tokio::net::TcpStream::from_std(conn.0) else {
         return 0;
-    }
+    };
     let mut buf = Vec::new();
     let mut served = 0;
-    loop {
-        let mut len = [0u8; 4];
-        if conn.read_exact(&mut len).is_err() {
-            return served;
-        }
-        buf.resize(u32::from_le_bytes(len) as usize, 0);
-        if conn.read_exact(&mut buf).is_err() {
-            return served;
-        }
-        let digest = work(&buf, rounds);
-        if conn.write_all(&answer(&buf, digest)).is_err() {
-            return served;
+    // An idle client ends its connection after `CLIENT_STALL`, so it does
+    // not hold one of the worker's places for good.
+    while let Ok(Ok(true)) =
+        tokio::time::timeout(CLIENT_STALL, read_request(&mut conn, &mut buf)).await
+    {
+        let digest = LANE.run(|| work(&buf, rounds)).await;
+        if conn.write_all(&answer(&buf, digest)).await.is_err() {
+            break;
         }
         served += 1;
     }
+    served
 }
 
+/// Connections one `handoff-conn` worker serves at once; more wait in the
+/// engine for a place.
+const CONNS_PER_WORKER: usize = 256;
+
+/// The engine accepts and hands each connection to the least-loaded worker
+/// once; the worker serves it to the end beside its other connections. Per
+/// request, nothing crosses the parent.
 fn handoff_conn_mode(case: &Case) -> Result<Measured> {
     let engine = Engine::builder().build()?;
-    let workers = engine.cores().len();
-    // A job holds its worker for the connection's whole life, and a worker
-    // runs one job at a time: with more connections than workers, the extra
-    // connections wait in a worker's queue until an earlier one closes (they
-    // are served in turn, not side by side; the `max` column shows that
-    // wait). Enough in-flight slots for every connection means `call` never
-    // waits for a permit, so the engine's accept loop and the client's
-    // connect never stall behind a busy worker. Fewer slots would not
-    // deadlock either (each connection ends when its client is done), but
-    // would park whole connections in the engine instead of in the queue.
-    let in_flight = case.connections.div_ceil(workers).max(1);
     let pool = start_pool(
         &engine,
-        Pool::builder(serve_connection)
+        Pool::builder_async(serve_connection)
             .name("conn-worker")
-            .max_in_flight(in_flight),
+            .concurrency(CONNS_PER_WORKER),
     )?;
     let rounds = case.rounds;
     let p = pool.clone();
     let addr = serve_on_engine(&engine, 0, move |conn| {
         let pool = p.clone();
         async move {
-            // The worker does blocking I/O on its copy: a socket's blocking
-            // mode belongs to the open file, shared with the worker.
-            let conn = match conn.into_std().and_then(|c| {
-                c.set_nonblocking(false)?;
-                Ok(c)
-            }) {
+            let conn = match conn.into_std() {
                 Ok(c) => c,
                 Err(e) => return eprintln!("handoff-conn: {e}"),
             };
@@ -494,10 +489,6 @@ fn handoff_mode(case: &Case) -> Result<Measured> {
     drop(engine);
     measured
 }
-
-/// The prefork child's turns for CPU work (one per child process: its
-/// runtime has one thread).
-static LANE: Lane = Lane::new();
 
 /// A `prefork` child's connection: read, compute and answer in place, on
 /// the child's own runtime, until the client closes or the child drains.

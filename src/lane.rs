@@ -23,8 +23,9 @@ use tokio::sync::Semaphore;
 /// queue up in arrival order, ahead of the handler that just ran.
 ///
 /// One lane serializes all its callers, on whatever threads they run: use
-/// one per thread that computes (a `static` lane in a prefork child, whose
-/// runtime has one thread).
+/// one per thread that computes (a `static` lane in a prefork child, or in
+/// a pool worker that runs several async jobs at once: each has a runtime
+/// of one thread).
 ///
 /// Cancellation: dropping `run`'s future while it waits leaves the queue;
 /// dropping it after the closure ran (during the yield) passes the turn on

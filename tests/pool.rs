@@ -964,10 +964,153 @@ fn pool_jobs_carry_connections(b: Backend) {
     });
 }
 
+/// Two jobs that need each other: each writes a byte to its end of a
+/// socket pair and then reads the other's, so neither can end unless both
+/// run at once. Returns its role.
+async fn rendezvous((role, end): (u8, Fd<std::os::unix::net::UnixStream>)) -> u8 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    end.0.set_nonblocking(true).unwrap();
+    let mut end = tokio::net::UnixStream::from_std(end.0).unwrap();
+    end.write_all(&[role]).await.unwrap();
+    let mut other = [0u8; 1];
+    end.read_exact(&mut other).await.unwrap();
+    assert_eq!(other[0], 1 - role);
+    role
+}
+
+/// A worker with `concurrency(n)` runs up to n async jobs at once: two jobs
+/// that each wait for the other complete (one at a time, the first would
+/// wait forever).
+fn pool_concurrent_jobs_run_side_by_side(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(rendezvous)
+            .workers(1)
+            .concurrency(2)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            let (x, y) = std::os::unix::net::UnixStream::pair().unwrap();
+            let first = {
+                let p = pool.clone();
+                tokio::spawn(async move { p.call((0, Fd(x))).await })
+            };
+            let second = tokio::time::timeout(Duration::from_secs(20), pool.call((1, Fd(y))))
+                .await
+                .expect("the jobs never ran side by side")
+                .unwrap();
+            assert_eq!(*second, 1);
+            let first = tokio::time::timeout(Duration::from_secs(20), first)
+                .await
+                .expect("the jobs never ran side by side")
+                .unwrap()
+                .unwrap();
+            assert_eq!(*first, 0);
+        }
+        let s = &pool.stats()[0];
+        assert_eq!(
+            (s.jobs_done, s.jobs_failed, s.restarts),
+            (40, 0, 0),
+            "{s:?}"
+        );
+        pool.shutdown().await.unwrap();
+    });
+}
+
+/// With jobs running side by side, a job that times out fails alone with
+/// `TimedOut`, a job that ended before it is answered, the jobs still
+/// running beside it fail with `WorkerDied` (the worker is killed), and
+/// the restarted worker serves the next call. Shutdown lets running jobs
+/// finish.
+fn pool_concurrent_job_timeout_and_drain(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder_async(slow_echo)
+            .workers(1)
+            .concurrency(3)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let call = |ms: u64, timeout: Option<Duration>| {
+            let p = pool.clone();
+            tokio::spawn(async move {
+                match timeout {
+                    Some(t) => p.call_timeout(ms, t).await,
+                    None => p.call(ms).await,
+                }
+            })
+        };
+        let stuck = call(60_000, Some(Duration::from_secs(1)));
+        let quick = call(50, None);
+        let beside = call(60_000, None);
+        // Answered while the stuck job runs.
+        assert_eq!(quick.await.unwrap().unwrap().to_native(), 50);
+        let e = stuck.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        let e = beside.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WorkerDied, "{e}");
+        assert_eq!(pool.call(5).await.unwrap().to_native(), 5);
+        let s = &pool.stats()[0];
+        assert_eq!((s.timeouts, s.restarts), (1, 1), "{s:?}");
+
+        // Three jobs running at once when shutdown comes: all finish.
+        let running: Vec<_> = (0..3).map(|_| call(300, None)).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.shutdown().await.unwrap();
+        for r in running {
+            assert_eq!(r.await.unwrap().unwrap().to_native(), 300);
+        }
+    });
+}
+
+fn sleep_sync(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+/// A sync handler holds its worker's thread, so `concurrency` does not
+/// apply: jobs run one at a time, and a queued job's timeout counts from
+/// when it starts, not from when the jobs ahead of it started.
+fn pool_sync_handlers_run_one_job_at_a_time(b: Backend) {
+    common::block_on(async {
+        let pool = Pool::builder(sleep_sync)
+            .workers(1)
+            .concurrency(3)
+            .backend(b)
+            .build()
+            .await
+            .unwrap();
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let p = pool.clone();
+                tokio::spawn(async move { p.call_timeout(500, Duration::from_millis(1200)).await })
+            })
+            .collect();
+        for c in calls {
+            assert_eq!(c.await.unwrap().unwrap().to_native(), 500);
+        }
+        assert_eq!(pool.stats()[0].timeouts, 0);
+        pool.shutdown().await.unwrap();
+    });
+}
+
 fn main() {
     ringipc::init();
     common::harness(&[
         ("engine_on_all_cores", engine_on_all_cores),
+        (
+            "pool_concurrent_jobs_run_side_by_side",
+            pool_concurrent_jobs_run_side_by_side,
+        ),
+        (
+            "pool_concurrent_job_timeout_and_drain",
+            pool_concurrent_job_timeout_and_drain,
+        ),
+        (
+            "pool_sync_handlers_run_one_job_at_a_time",
+            pool_sync_handlers_run_one_job_at_a_time,
+        ),
         ("engine_on_one_core", engine_on_one_core),
         ("engine_panic_is_an_error", engine_panic_is_an_error),
         ("channels_between_cores", channels_between_cores),

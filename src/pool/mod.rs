@@ -33,7 +33,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use supervisor::{Inner, Job, Queued, Slot, State, SupervisorGuard, WorkerSpawner};
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::JoinHandle;
@@ -48,7 +48,11 @@ pub struct PoolBuilder<J, R> {
     handler: usize,
     launcher: Launcher,
     workers: Option<usize>,
-    max_in_flight: usize,
+    /// `None`: the default, 4 or `concurrency` if more.
+    max_in_flight: Option<usize>,
+    /// Jobs one worker runs at once; honoured for async handlers only.
+    concurrency: usize,
+    is_async: bool,
     job_timeout: Option<Duration>,
     pin: bool,
     backend: Backend,
@@ -228,9 +232,12 @@ impl Pool<(), ()> {
         R: Encode + Decode,
         F: Future<Output = R>,
     {
-        PoolBuilder::new(handler as usize, |a, o| {
-            worker::launch(worker::worker_async::<J, R, F>, a, o)
-        })
+        PoolBuilder {
+            is_async: true,
+            ..PoolBuilder::new(handler as usize, |a, o| {
+                worker::launch(worker::worker_async::<J, R, F>, a, o)
+            })
+        }
     }
 }
 
@@ -240,7 +247,9 @@ impl<J, R> PoolBuilder<J, R> {
             handler,
             launcher,
             workers: None,
-            max_in_flight: 4,
+            max_in_flight: None,
+            concurrency: 1,
+            is_async: false,
             job_timeout: None,
             pin: true,
             backend: Backend::Auto,
@@ -255,10 +264,27 @@ impl<J, R> PoolBuilder<J, R> {
         self
     }
 
-    /// Jobs sent to one worker and not yet answered (default 4). `call`
-    /// waits when every worker has this many.
+    /// Jobs sent to one worker and not yet answered (default 4, or the
+    /// [`concurrency`](Self::concurrency) if that is more). `call` waits
+    /// when every worker has this many.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n.max(1);
+        self.max_in_flight = Some(n.max(1));
+        self
+    }
+
+    /// How many jobs one worker runs at once, as tasks of its runtime
+    /// (default 1). For async handlers that wait on I/O, such as a worker
+    /// serving connections handed to it: each job can be a whole
+    /// connection, and one worker serves many. Results go back as each job
+    /// ends, in any order. A sync handler runs one job at a time whatever
+    /// this says, since it holds the worker's thread until it returns.
+    ///
+    /// Job timeouts count from when a job starts: when it is among the
+    /// first `n` of its worker's unanswered jobs. A job that times out
+    /// ends its worker, so the jobs running beside it fail with
+    /// [`ErrorKind::WorkerDied`].
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
         self
     }
 
@@ -305,6 +331,8 @@ where
     pub async fn build(self) -> Result<Pool<J, R>> {
         let cores = sys::process_cpus().map_err(|e| Error::io("sched_getaffinity", e))?;
         let n = self.workers.unwrap_or(cores.len()).max(1);
+        let concurrency = if self.is_async { self.concurrency } else { 1 };
+        let max_in_flight = self.max_in_flight.unwrap_or(concurrency.max(4));
         let backend = self.backend.resolve()?;
         let cfg = ChannelConfig::new().backend(backend);
         let mut started = Vec::with_capacity(n);
@@ -313,6 +341,7 @@ where
             let spawner = WorkerSpawner {
                 launcher: self.launcher,
                 handler: Spec::offset(self.handler),
+                concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
                 cfg,
                 opts: WorkerOptions {
                     name: format!("{}-{i}", self.name),
@@ -329,11 +358,14 @@ where
         let mut slots = Vec::with_capacity(n);
         let mut rest = Vec::with_capacity(n);
         for (i, (new, spawner, core)) in started.into_iter().enumerate() {
-            let mut slot = Slot::new(WorkerStats {
-                worker: i,
-                core,
-                ..Default::default()
-            });
+            let mut slot = Slot::new(
+                WorkerStats {
+                    worker: i,
+                    core,
+                    ..Default::default()
+                },
+                concurrency,
+            );
             let failed = supervisor::install(&mut slot, new.jobs, new.pidfd, new.proc.pid());
             slots.push(slot);
             rest.push((new.proc, new.results, spawner, failed));
@@ -344,10 +376,10 @@ where
                 next_id: 0,
                 closing: false,
             }),
-            permits: Semaphore::new(n * self.max_in_flight),
+            permits: Semaphore::new(n * max_in_flight),
             room: Notify::new(),
             changed: Notify::new(),
-            max_in_flight: self.max_in_flight,
+            max_in_flight,
             max_frame: crate::framing::DEFAULT_MAX_FRAME,
             job_timeout: self.job_timeout,
         });
@@ -501,18 +533,16 @@ where
                     match slot.queue.as_ref().expect("picked").send(job) {
                         Ok(()) => {
                             let (tx, rx) = oneshot::channel();
-                            if slot.jobs.is_empty() {
-                                slot.front_since = Instant::now();
-                                if timeout.is_some() {
-                                    // Its supervisor sleeps without a deadline.
-                                    slot.nudge.notify_one();
-                                }
-                            }
-                            slot.jobs.push_back(Job {
+                            let timed = slot.push_job(Job {
                                 id,
                                 timeout,
                                 reply: tx,
+                                started: None,
                             });
+                            if timed {
+                                // Its supervisor may sleep without a deadline.
+                                slot.nudge.notify_one();
+                            }
                             break rx;
                         }
                         Err(tokio::sync::mpsc::error::SendError(back)) => {

@@ -4,9 +4,11 @@
 //!
 //! All bookkeeping lives in one `State` under one mutex, held only for short
 //! non-blocking steps. Each worker's jobs sit in its `Slot::jobs` in the
-//! order they were sent; a worker runs jobs one at a time in that order, so
-//! its next result must answer the front job, and a result for any other id
-//! is a protocol error that ends the worker.
+//! order they were sent; a worker starts them in that order, running up to
+//! `concurrency` at once (one for a sync handler), so the first
+//! `concurrency` jobs of the queue are the ones running. Its next result
+//! must answer one of those, and a result for any other id is a protocol
+//! error that ends the worker.
 
 use super::worker::{JobFds, Launcher, TAG_OK, TAG_PANIC, WorkerArgs, WorkerOptions};
 use super::{DeathCause, WorkerDeath, WorkerStats};
@@ -40,6 +42,9 @@ pub(super) struct Job<R: Archive> {
     pub id: u64,
     pub timeout: Option<Duration>,
     pub reply: Reply<R>,
+    /// When the worker started it, as the parent reckons (the job entered
+    /// the running part of the queue): its timeout counts from here.
+    pub started: Option<Instant>,
 }
 
 /// A job on its way to a worker's writer: its frame, and the fds it
@@ -52,11 +57,11 @@ pub(super) struct Queued {
 /// One worker as the parent sees it.
 pub(super) struct Slot<R: Archive> {
     pub stats: WorkerStats,
-    /// Jobs sent to the worker and not yet answered, oldest first.
+    /// Jobs sent to the worker and not yet answered, oldest first; the
+    /// first `concurrency` are running.
     pub jobs: VecDeque<Job<R>>,
-    /// When the front job became the one the worker runs (it had finished
-    /// the jobs before): that job's timeout counts from here.
-    pub front_since: Instant,
+    /// How many jobs the worker runs at once.
+    pub concurrency: usize,
     /// The worker's job queue (read by its writer task); `None` while no
     /// job may be routed to it: it is ending, restarting or dead.
     pub queue: Option<mpsc::UnboundedSender<Queued>>,
@@ -74,17 +79,17 @@ pub(super) struct Slot<R: Archive> {
     pub restart_waiters: Vec<oneshot::Sender<Result<()>>>,
     /// Could not be restarted (or its supervisor is gone).
     pub dead: bool,
-    /// Wakes the supervisor: a timed job reached the front, or a restart
+    /// Wakes the supervisor: a timed job started, or a restart
     /// was asked.
     pub nudge: Arc<Notify>,
 }
 
 impl<R: Archive> Slot<R> {
-    pub fn new(stats: WorkerStats) -> Slot<R> {
+    pub fn new(stats: WorkerStats, concurrency: usize) -> Slot<R> {
         Slot {
             stats,
             jobs: VecDeque::new(),
-            front_since: Instant::now(),
+            concurrency: concurrency.max(1),
             queue: None,
             pidfd: None,
             ending: None,
@@ -119,13 +124,39 @@ impl<R: Archive> Slot<R> {
             .is_some_and(|fd| !sys::pidfd_exited(fd.as_raw_fd()))
     }
 
-    /// When the front job's timeout runs out, if it has one.
-    fn deadline(&self) -> Option<Instant> {
+    /// Adds a job sent to the worker. Returns whether it starts at once
+    /// with a timeout (its supervisor may be asleep without a deadline).
+    pub fn push_job(&mut self, mut job: Job<R>) -> bool {
+        let starts = self.jobs.len() < self.concurrency;
+        if starts {
+            job.started = Some(Instant::now());
+        }
+        let timed = starts && job.timeout.is_some();
+        self.jobs.push_back(job);
+        timed
+    }
+
+    /// Takes out job `i`, one of the running ones; the next queued job
+    /// moves up into their place and starts now.
+    fn take_job(&mut self, i: usize) -> Option<Job<R>> {
+        let job = self.jobs.remove(i)?;
+        if let Some(next) = self.jobs.get_mut(self.concurrency - 1) {
+            next.started.get_or_insert_with(Instant::now);
+        }
+        Some(job)
+    }
+
+    /// The running job whose timeout runs out first, and when.
+    fn deadline(&self) -> Option<(usize, Instant)> {
         if self.ending.is_some() {
             return None;
         }
-        let t = self.jobs.front()?.timeout?;
-        Some(self.front_since + t)
+        self.jobs
+            .iter()
+            .take(self.concurrency)
+            .enumerate()
+            .filter_map(|(i, j)| Some((i, j.started? + j.timeout?)))
+            .min_by_key(|&(_, at)| at)
     }
 
     /// Ends the worker: no more jobs, and SIGKILL. The first cause sticks.
@@ -215,6 +246,8 @@ impl<R: Archive> Inner<R> {
 pub(super) struct WorkerSpawner {
     pub launcher: Launcher,
     pub handler: i64,
+    /// Jobs the worker runs at once.
+    pub concurrency: u32,
     pub cfg: ChannelConfig,
     pub opts: WorkerOptions,
 }
@@ -250,6 +283,7 @@ impl WorkerSpawner {
             results: res_tx,
             fds: fd_rx,
             handler: self.handler,
+            concurrency: self.concurrency,
         };
         let proc = (self.launcher)(args, &self.opts)?;
         let pidfd = proc
@@ -326,7 +360,11 @@ pub(super) fn install<R: Archive>(
     slot.stats.pid = pid;
     slot.ending = None;
     slot.distrusted = false;
-    slot.front_since = Instant::now();
+    // A new worker starts whatever it is given from now.
+    let (c, now) = (slot.concurrency, Instant::now());
+    for job in slot.jobs.iter_mut().take(c) {
+        job.started = Some(now);
+    }
     failed
 }
 
@@ -404,13 +442,13 @@ struct Service<'a, R: Archive> {
 
 impl<R: Decode> Service<'_, R> {
     /// Reads results until the worker exits or its pipe ends. Each turn
-    /// waits for, in order: a frame, the exit, the front job's deadline, a
+    /// waits for, in order: a frame, the exit, the running jobs' first deadline, a
     /// nudge, or the writer's failure.
     async fn run(&mut self, proc: &mut Process<()>, writer_failed: &Notify) -> End {
         let nudge = self.inner.lock().slots[self.w].nudge.clone();
         let mut exit = pin!(proc.wait_exit());
         loop {
-            let deadline = self.inner.lock().slots[self.w].deadline();
+            let deadline = self.inner.lock().slots[self.w].deadline().map(|(_, at)| at);
             let timer = async move {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -476,12 +514,13 @@ impl<R: Decode> Service<'_, R> {
             slot.broke_protocol("a short result frame".into());
             return;
         };
-        if slot.jobs.front().is_none_or(|j| j.id != header.id) {
+        let Some(job) = (slot.jobs.iter().take(slot.concurrency))
+            .position(|j| j.id == header.id)
+            .and_then(|i| slot.take_job(i))
+        else {
             slot.broke_protocol(format!("a result for job {} it was not running", header.id));
             return;
-        }
-        let job = slot.jobs.pop_front().expect("checked above");
-        slot.front_since = Instant::now();
+        };
         let result = decode_result::<R>(value, header, text, w);
         slot.stats.busy += header.elapsed();
         match &result {
@@ -499,16 +538,21 @@ impl<R: Decode> Service<'_, R> {
         self.maybe_restart();
     }
 
-    /// The front job ran out of time: fail it, and end the worker (the only
-    /// way to stop a running handler).
+    /// A running job ran out of time: fail it, and end the worker (the only
+    /// way to stop a running handler; its other jobs fail with it).
     fn on_deadline(&mut self) {
         let w = self.w;
         let mut st = self.inner.lock();
         let slot = &mut st.slots[w];
-        if slot.deadline().is_none_or(|at| at > Instant::now()) {
+        let Some((i, at)) = slot.deadline() else {
+            return;
+        };
+        if at > Instant::now() {
             return;
         }
-        let job = slot.jobs.pop_front().expect("a deadline has a front job");
+        let Some(job) = slot.take_job(i) else {
+            return;
+        };
         let limit = job.timeout.unwrap_or_default();
         let _ = job.reply.send(Err(Error::new(
             ErrorKind::TimedOut,

@@ -19,6 +19,8 @@ use crate::process::handoff::with_inherited;
 use crate::process::spec::Spec;
 use crate::process::{Affinity, Process, panic_message};
 use crate::wire::Header;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use rkyv::api::high::HighDeserializer;
 use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
@@ -42,6 +44,8 @@ pub struct WorkerArgs {
     pub(super) fds: FdReceiver<JobFds>,
     /// The handler's code address, as an offset (see `Spec::offset`).
     pub(super) handler: i64,
+    /// How many jobs may run at once (1 for a sync handler).
+    pub(super) concurrency: u32,
 }
 
 /// What a job's fd datagram holds: the job's id and its fds, in the order
@@ -76,9 +80,67 @@ impl<F: Future> Future for CatchUnwind<F> {
     }
 }
 
+/// What the worker loop got from the job pipe: a job (or why it cannot be
+/// decoded) with its id.
+type Received<J> = (u64, std::result::Result<J, String>);
+
+/// Reads the next job frame, and its fds first if it carries some. Takes
+/// and gives back the two receivers, so the loop can keep one receive in
+/// progress across its turns without borrowing them (a job whose frame was
+/// read must not be lost while its fds are awaited). `None`: the pool
+/// closed the job pipe, or sent something no pool sends.
+async fn next_job<J>(
+    mut jobs: BytesReceiver,
+    mut fds: FdReceiver<JobFds>,
+) -> (BytesReceiver, FdReceiver<JobFds>, Option<Received<J>>)
+where
+    J: Decode,
+    J::Archived: Deserialize<J, HighDeserializer<rancor::Error>>,
+{
+    let got = 'got: {
+        // The pool closed the job pipe (or it broke).
+        let Ok(frame) = jobs.recv().await else {
+            break 'got None;
+        };
+        // Not from a ringipc pool.
+        let Some((h, archive)) = Header::read(frame) else {
+            break 'got None;
+        };
+        let decode = || Message::<J>::validate(archive).and_then(|m| m.deserialize());
+        let job = if h.tag == JOB_WITH_FDS {
+            match fds.recv().await {
+                Ok((for_id, got)) if for_id == h.id => {
+                    let got = got.into_iter().map(|fd| fd.0).collect();
+                    let (job, unclaimed) = with_inherited(got, decode);
+                    job.and_then(|job| match unclaimed {
+                        0 => Ok(job),
+                        n => Err(Error::new(
+                            ErrorKind::Protocol,
+                            format!("{n} fds came with the job but it holds none"),
+                        )),
+                    })
+                }
+                Ok((for_id, _)) => Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("the fds of job {for_id} came with job {}", h.id),
+                )),
+                // The pool went away.
+                Err(_) => break 'got None,
+            }
+        } else {
+            decode()
+        };
+        Some((h.id, job.map_err(|e| e.to_string())))
+    };
+    (jobs, fds, got)
+}
+
 /// The worker loop, shared by sync and async handlers: `run` turns a job
-/// into the handler's outcome. Jobs run one at a time, in the order they
-/// arrive, so results go back in that order (the parent checks it).
+/// into the handler's outcome. Up to `concurrency` jobs run at once (always
+/// one for a sync handler, whose `run` is ready at once), started in the
+/// order they arrive; each result goes back as soon as its job ends, and
+/// the parent matches it by id to one of the jobs it knows are running.
+/// When the job pipe closes, the running jobs finish and answer first.
 async fn worker_loop<J, R, Fut>(args: WorkerArgs, run: impl Fn(J) -> Fut)
 where
     J: Decode,
@@ -87,92 +149,98 @@ where
     Fut: Future<Output = std::thread::Result<R>>,
 {
     let WorkerArgs {
-        mut jobs,
+        jobs,
         mut results,
-        mut fds,
+        fds,
+        concurrency,
         ..
     } = args;
+    let concurrency = (concurrency as usize).max(1);
     let mut buf = Vec::new();
+    let mut running = FuturesUnordered::new();
+    let mut incoming = Some(Box::pin(next_job::<J>(jobs, fds)));
     loop {
-        let (id, job) = match jobs.recv().await {
-            Ok(frame) => match Header::read(frame) {
-                Some((h, archive)) => {
-                    let decode = || Message::<J>::validate(archive).and_then(|m| m.deserialize());
-                    let job = if h.tag == JOB_WITH_FDS {
-                        match fds.recv().await {
-                            Ok((for_id, got)) if for_id == h.id => {
-                                let got = got.into_iter().map(|fd| fd.0).collect();
-                                let (job, unclaimed) = with_inherited(got, decode);
-                                job.and_then(|job| match unclaimed {
-                                    0 => Ok(job),
-                                    n => Err(Error::new(
-                                        ErrorKind::Protocol,
-                                        format!("{n} fds came with the job but it holds none"),
-                                    )),
-                                })
-                            }
-                            Ok((for_id, _)) => Err(Error::new(
-                                ErrorKind::Protocol,
-                                format!("the fds of job {for_id} came with job {}", h.id),
-                            )),
-                            // The pool went away.
-                            Err(_) => break,
-                        }
-                    } else {
-                        decode()
-                    };
-                    (h.id, job.map_err(|e| e.to_string()))
-                }
-                // Not from a ringipc pool.
-                None => break,
-            },
-            // The pool closed the job pipe (or it broke).
-            Err(_) => break,
-        };
-        let start = Instant::now();
-        let mut text = String::new();
-        let mut busy = Duration::ZERO;
-        let tag = match job {
-            Ok(job) => match run(job).await.inspect(|_| busy = start.elapsed()) {
-                // The value goes first, serialized once (into the arena when
-                // it is large); its header follows.
-                Ok(value) => match results.feed_message(&value).await {
-                    Ok(()) => TAG_OK,
-                    Err(e)
-                        if matches!(e.kind(), ErrorKind::FrameTooLarge | ErrorKind::Serialize) =>
-                    {
-                        text = format!("cannot send the result: {e}");
-                        TAG_BAD_RESULT
+        let receiving = incoming.is_some() && running.len() < concurrency;
+        let done = tokio::select! {
+            biased;
+            Some(done) = running.next(), if !running.is_empty() => done,
+            (jobs, fds, got) = async { incoming.as_mut().expect("checked").await }, if receiving => {
+                match got {
+                    Some((id, Ok(job))) => {
+                        incoming = Some(Box::pin(next_job::<J>(jobs, fds)));
+                        let started = Instant::now();
+                        let outcome = run(job);
+                        running.push(async move {
+                            let outcome = outcome.await;
+                            (id, started.elapsed(), Ok(outcome))
+                        });
+                        continue;
                     }
-                    Err(_) => break,
-                },
-                Err(p) => {
-                    busy = start.elapsed();
-                    text = panic_message(p);
-                    TAG_PANIC
+                    Some((id, Err(text))) => {
+                        incoming = Some(Box::pin(next_job::<J>(jobs, fds)));
+                        (id, Duration::ZERO, Err(text))
+                    }
+                    None => {
+                        incoming = None;
+                        continue;
+                    }
                 }
-            },
-            Err(e) => {
-                text = format!("cannot decode the job: {e}");
-                TAG_BAD_JOB
             }
+            else => break,
         };
-        // No value was queued for a failed job: an empty frame keeps the
-        // stream in pairs.
-        if tag != TAG_OK && results.feed(&[]).await.is_err() {
-            break;
-        }
-        buf.clear();
-        Header::new(tag).id(id).duration(busy).push(&mut buf);
-        let mut cut = text.len().min(MAX_ERROR_TEXT);
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        buf.extend_from_slice(&text.as_bytes()[..cut]);
-        if results.send(&buf).await.is_err() {
+        let (id, busy, outcome) = done;
+        if answer(&mut results, &mut buf, id, busy, outcome)
+            .await
+            .is_err()
+        {
             break;
         }
     }
+}
+
+/// Sends one job's result: its value (serialized once, into the arena when
+/// it is large; an empty frame when there is none), then its header (id,
+/// busy time, tag) with the error text if it failed. `Err`: the result
+/// pipe is gone.
+async fn answer<R: Encode>(
+    results: &mut BytesSender,
+    buf: &mut Vec<u8>,
+    id: u64,
+    busy: Duration,
+    outcome: std::result::Result<std::thread::Result<R>, String>,
+) -> Result<()> {
+    let mut text = String::new();
+    let tag = match outcome {
+        Ok(Ok(value)) => match results.feed_message(&value).await {
+            Ok(()) => TAG_OK,
+            Err(e) if matches!(e.kind(), ErrorKind::FrameTooLarge | ErrorKind::Serialize) => {
+                text = format!("cannot send the result: {e}");
+                TAG_BAD_RESULT
+            }
+            Err(e) => return Err(e),
+        },
+        Ok(Err(p)) => {
+            text = panic_message(p);
+            TAG_PANIC
+        }
+        Err(e) => {
+            text = format!("cannot decode the job: {e}");
+            TAG_BAD_JOB
+        }
+    };
+    // No value was queued for a failed job: an empty frame keeps the
+    // stream in pairs.
+    if tag != TAG_OK {
+        results.feed(&[]).await?;
+    }
+    buf.clear();
+    Header::new(tag).id(id).duration(busy).push(buf);
+    let mut cut = text.len().min(MAX_ERROR_TEXT);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    buf.extend_from_slice(&text.as_bytes()[..cut]);
+    results.send(buf).await
 }
 
 pub(super) async fn worker_sync<J, R>(args: WorkerArgs)
