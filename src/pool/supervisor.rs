@@ -79,8 +79,7 @@ pub(super) struct Slot<R: Archive> {
     pub restart_waiters: Vec<oneshot::Sender<Result<()>>>,
     /// Could not be restarted (or its supervisor is gone).
     pub dead: bool,
-    /// Wakes the supervisor: a timed job started, or a restart
-    /// was asked.
+    /// Wakes the supervisor: a timed job started, or a restart was asked.
     pub nudge: Arc<Notify>,
 }
 
@@ -442,8 +441,8 @@ struct Service<'a, R: Archive> {
 
 impl<R: Decode> Service<'_, R> {
     /// Reads results until the worker exits or its pipe ends. Each turn
-    /// waits for, in order: a frame, the exit, the running jobs' first deadline, a
-    /// nudge, or the writer's failure.
+    /// waits for, in order: a frame, the exit, the running jobs' first
+    /// deadline, a nudge, or the writer's failure.
     async fn run(&mut self, proc: &mut Process<()>, writer_failed: &Notify) -> End {
         let nudge = self.inner.lock().slots[self.w].nudge.clone();
         let mut exit = pin!(proc.wait_exit());
