@@ -12,8 +12,8 @@ use tokio::sync::Semaphore;
 /// computes again ahead of connections whose requests arrived while it ran.
 /// Throughput is the same, but some requests wait two rounds of the others
 /// and some none. In `examples/server.rs` (two prefork children, 16 client
-/// connections, 1 ms jobs) p99 was about 2× p50 computing inline, and about
-/// 1.3× through a lane, which is what a FIFO thread pool (rayon) gives.
+/// connections, 1 ms jobs) p99 was about 2× p50 computing inline, and
+/// 1.3–1.6× through a lane, about what a FIFO thread pool (rayon) gives.
 ///
 /// [`run`](Lane::run) waits for its turn in a FIFO queue, runs the closure
 /// on the caller's own task (no thread, no `'static` bound, a panic unwinds
