@@ -38,7 +38,8 @@ const USAGE: &str = "usage: throughput [--quick] [--one-way | --ping-pong] [CONT
   --quick      shorter runs, one per cell (noisier)
   --one-way    only the one-way throughput table
   --ping-pong  only the ping-pong latency table
-  --size N     one-way with N-byte messages only";
+  --size N     one-way with N-byte messages only
+  --no-arena   ringipc's channels without the shared-memory arena";
 
 const SIZES: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 const PING_SIZE: usize = 64;
@@ -347,6 +348,9 @@ fn main() -> measure::Result<()> {
                 let size = args.next().and_then(|s| s.parse().ok()).filter(|&n| n > 0);
                 sel.sizes = vec![size.ok_or("--size takes a message size in bytes")?];
             }
+            "--no-arena" => ringipc::ChannelConfig::new()
+                .arena(false)
+                .set_process_default(),
             "--one-way" => sel.ping_pong = false,
             "--ping-pong" => sel.one_way = false,
             "-h" | "--help" => {
