@@ -373,6 +373,10 @@ pub(crate) struct SendArena {
     /// Our copy of the free-ring tail (the shared one is only written).
     tail: u64,
     pub(crate) threshold: usize,
+    /// The last archive stayed below the threshold: the next one is
+    /// serialized with the plain frame-buffer writer (see
+    /// `SendHalf::try_push_arena`).
+    pub(crate) small: bool,
 }
 
 /// What a hand-over carries for a sender's arena.
@@ -415,6 +419,7 @@ impl SendArena {
             next_seq: st.next_seq,
             tail: st.tail,
             threshold: st.threshold as usize,
+            small: true,
         })
     }
 
@@ -735,6 +740,7 @@ pub(crate) fn pair(cfg: &ArenaConfig) -> Result<(SendArena, Arc<RecvArena>)> {
             next_seq: 0,
             tail: 0,
             threshold: cfg.threshold,
+            small: true,
         },
         Arc::new(RecvArena::new(arena, w, 0, 0, cfg.trusted)),
     ))

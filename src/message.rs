@@ -76,6 +76,7 @@ pub struct SlotWriter<'b> {
 }
 
 impl<'b> SlotWriter<'b> {
+    #[inline]
     pub(crate) fn new(vec: &'b mut Vec<u8>, spill: Option<&'b mut Spill>) -> SlotWriter<'b> {
         let base = vec.len();
         let fast_limit = match &spill {
@@ -178,7 +179,11 @@ impl<E: rancor::Source> rkyv::ser::Writer<E> for SlotWriter<'_> {
 /// messages ([`OwnedMessage`], pool results) can move between threads.
 pub trait Decode:
     Archive<
-    Archived: Portable + Send + Sync + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>,
+    Archived: Portable
+                  + Send
+                  + Sync
+                  + for<'a> CheckBytes<HighValidator<'a, rancor::Failure>>
+                  + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>,
 >
 {
 }
@@ -188,6 +193,7 @@ impl<T> Decode for T where
         Archived: Portable
                       + Send
                       + Sync
+                      + for<'a> CheckBytes<HighValidator<'a, rancor::Failure>>
                       + for<'a> CheckBytes<HighValidator<'a, rancor::BoxedError>>,
     >
 {
@@ -196,6 +202,7 @@ impl<T> Decode for T where
 /// Serializes `value` onto the end of `out` (rkyv's thread-local arena
 /// provides reused scratch memory, so this does not allocate per message once
 /// warm).
+#[inline]
 pub(crate) fn encode_into<T: Encode>(value: &T, out: &mut Vec<u8>) -> Result<()> {
     rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(value, out)
         .map(|_| ())
@@ -236,6 +243,9 @@ impl<'a, T: Decode> Message<'a, T> {
     /// # Ok::<(), ringipc::Error>(())
     /// ```
     pub fn validate(bytes: &'a [u8]) -> Result<Message<'a, T>> {
+        if let Ok(archived) = rkyv::access::<T::Archived, rancor::Failure>(bytes) {
+            return Ok(Message { bytes, archived });
+        }
         let archived = rkyv::access::<T::Archived, rancor::BoxedError>(bytes).map_err(|e| {
             Error::new(ErrorKind::InvalidMessage, "recv: payload failed validation").with_source(e)
         })?;

@@ -88,6 +88,7 @@ impl<T: Encode> Sender<T> {
     /// together go out in one write: use it for bursts of small messages.
     /// A message that goes through the arena is flushed at once (with what
     /// was queued before it): its descriptor is all that is left to write.
+    #[inline]
     pub async fn feed(&mut self, value: &T) -> Result<()> {
         if self.half.push_message(value).await? {
             // The message is already in shared memory: its descriptor goes
@@ -95,7 +96,11 @@ impl<T: Encode> Sender<T> {
             // next one (holding descriptors back would serialize the two).
             return self.half.flush().await;
         }
-        self.half.feed_flush().await
+        // `feed_flush`, spelled out (see `SendHalf::push_payload`).
+        if self.half.at_high_water() {
+            self.half.flush().await?;
+        }
+        Ok(())
     }
 }
 
@@ -151,6 +156,7 @@ impl<T: Decode> Receiver<T> {
     /// not a valid archive (the channel stays usable).
     ///
     /// Cancellation-safe: a dropped `recv` loses no message.
+    #[inline]
     pub async fn recv(&mut self) -> Result<Message<'_, T>> {
         let bytes = self.half.frame().await?;
         Message::validate(bytes)

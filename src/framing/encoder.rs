@@ -45,6 +45,7 @@ impl Encoder {
     /// Appends one data frame whose payload is produced by `fill`, which must
     /// only append to the vector it is given. On error (from `fill` or for an
     /// oversized payload) the buffer is left exactly as it was.
+    #[inline]
     pub fn push_with<E>(
         &mut self,
         fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
@@ -56,6 +57,7 @@ impl Encoder {
     /// Like [`Encoder::push_with`], but `fill` decides the frame's kind: it
     /// returns [`FrameKind::Data`] for a payload, or [`FrameKind::Arena`]
     /// after appending exactly [`DESCRIPTOR_LEN`](super::DESCRIPTOR_LEN) descriptor bytes.
+    #[inline]
     pub fn push_kind_with<E>(
         &mut self,
         fill: impl FnOnce(&mut Vec<u8>) -> Result<FrameKind, E>,
@@ -110,6 +112,7 @@ impl Encoder {
     }
 
     /// Bytes encoded but not yet written (empty while the buffer is lent).
+    #[inline]
     pub fn pending(&self) -> &[u8] {
         if self.lent {
             &[]
@@ -165,6 +168,7 @@ impl Encoder {
 
     /// Bytes unwritten or in flight (what this encoder holds on to until
     /// the kernel takes it).
+    #[inline]
     pub fn queued(&self) -> usize {
         if self.lent {
             // Never 0 while a write is in flight: callers read 0 as "idle".
@@ -175,11 +179,13 @@ impl Encoder {
     }
 
     /// Whether anything is unwritten or in flight.
+    #[inline]
     pub fn has_pending(&self) -> bool {
         self.lent || self.pos < self.buf.len()
     }
 
     /// Records that `n` pending bytes were written.
+    #[inline]
     pub fn advance(&mut self, n: usize) {
         debug_assert!(!self.lent);
         self.pos += n;
@@ -214,6 +220,7 @@ impl Encoder {
         }
     }
 
+    #[inline]
     fn compact(&mut self) {
         // Dropping whole written frames keeps buffer and stream offsets equal mod 16.
         if self.pos >= COMPACT_AT && self.pos.is_multiple_of(FRAME_ALIGN) {

@@ -106,6 +106,7 @@ pub const fn padded(n: usize) -> usize {
 }
 
 /// Writes a header for a payload of `len` bytes.
+#[inline]
 pub fn header(kind: FrameKind, len: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&len.to_le_bytes());
