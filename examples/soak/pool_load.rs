@@ -1,5 +1,6 @@
 //! Pool load: callers running jobs that compute, sleep past their timeout,
-//! or panic, while a killer SIGKILLs random workers. Every call must end in
+//! or panic, up to three at once per worker, while a killer SIGKILLs random
+//! workers. Every call must end in
 //! the right value or an expected typed error.
 //!
 //! Worker kills and graceful restarts go through `Pool::kill_worker` and
@@ -30,11 +31,14 @@ fn mix(mut x: u64) -> u64 {
     x
 }
 
-fn run_job(job: Job) -> u64 {
+/// The handler is async and each worker runs up to three jobs at once
+/// (`concurrency`), so a job timed out kills a worker with other jobs
+/// running beside it, and results come back out of order.
+async fn run_job(job: Job) -> u64 {
     match job {
         Job::Compute(x) => mix(x),
         Job::Sleep(ms) => {
-            std::thread::sleep(Duration::from_millis(ms));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             ms
         }
         Job::Panic(x) => {
@@ -49,8 +53,9 @@ type SoakPool = Pool<Job, u64>;
 
 /// Builds a pool of two workers on `backend`.
 pub async fn build(backend: Backend) -> Result<SoakPool> {
-    Pool::builder(run_job)
+    Pool::builder_async(run_job)
         .workers(2)
+        .concurrency(3)
         .max_in_flight(4)
         .pin(false)
         .backend(backend)
