@@ -454,7 +454,7 @@ const CLIENT_STALL: Duration = Duration::from_secs(10);
 /// move a worker away from the engine's core instead of making the engine
 /// wait for that worker's time slice (pinned, and with an engine thread on
 /// every core, handoff ran at 0.84–0.89× spawn_blocking's req/s for 1 ms
-/// jobs; like this, 0.92–0.97×).
+/// jobs; like this, 0.91–0.97× across runs).
 fn handoff_mode(case: &Case) -> Result<Measured> {
     let engine = Engine::builder().cores([first_core()?]).build()?;
     let pool = start_pool(
