@@ -116,6 +116,7 @@ fn core_main(
             .map_err(|e| Error::io(format!("pin to core {core}"), e))?;
         backend::set_thread_default(backend);
         backend::uring::set_thread_ring_entries(ring_entries);
+        backend::uring::set_thread_coop_taskrun();
         backend::set_thread_busy_poll(busy_poll);
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

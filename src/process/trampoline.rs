@@ -16,6 +16,9 @@ use std::time::Duration;
 pub(crate) type Trampoline = fn(usize, &[u8]) -> Outcome;
 
 fn child_runtime() -> std::result::Result<tokio::runtime::Runtime, String> {
+    // The child's runtime thread is ringipc's: its ring need not be
+    // interrupted by completions (see `set_thread_coop_taskrun`).
+    crate::backend::uring::set_thread_coop_taskrun();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -16,4 +16,4 @@ mod ring;
 
 pub(crate) use ops::{UringIo, UringSock, UringWait};
 pub(crate) use probe::{probe, waitid_supported};
-pub(crate) use ring::set_thread_ring_entries;
+pub(crate) use ring::{set_thread_coop_taskrun, set_thread_ring_entries};
