@@ -298,16 +298,32 @@ where
     Ok(engine.block_on(move || async move { builder.build().await })??)
 }
 
+/// Runs the load against a server on `engine` backed by `pool`, then stops
+/// the pool (on the engine, whose runtime its supervisors run on) and the
+/// engine, in that order.
+fn load_then_stop<J, R>(
+    engine: Engine,
+    pool: Pool<J, R>,
+    addr: SocketAddr,
+    case: &Case,
+) -> Result<Measured>
+where
+    J: ringipc::Encode + Send + 'static,
+    R: ringipc::Decode + Send + 'static,
+{
+    let measured = load(addr, case);
+    engine.block_on(move || async move { pool.shutdown().await })??;
+    drop(engine);
+    measured
+}
+
 fn pool_mode(case: &Case) -> Result<Measured> {
     let engine = Engine::builder().build()?;
     let pool = start_pool(&engine, Pool::builder(hash_job).name("hash-worker"))?;
     let rounds = case.rounds;
     let p = pool.clone();
     let addr = serve_on_engine(&engine, 0, move |conn| pool_conn(conn, p.clone(), rounds))?;
-    let measured = load(addr, case);
-    engine.block_on(move || async move { pool.shutdown().await })??;
-    drop(engine);
-    measured
+    load_then_stop(engine, pool, addr, case)
 }
 
 /// The `handoff-conn` job: the connection itself, served by the worker
@@ -365,10 +381,7 @@ fn handoff_conn_mode(case: &Case) -> Result<Measured> {
             }
         }
     })?;
-    let measured = load(addr, case);
-    engine.block_on(move || async move { pool.shutdown().await })??;
-    drop(engine);
-    measured
+    load_then_stop(engine, pool, addr, case)
 }
 
 /// The `handoff` job: a copy of the connection (a dup of its fd) with one
@@ -484,10 +497,7 @@ fn handoff_mode(case: &Case) -> Result<Measured> {
             }
         }
     })?;
-    let measured = load(addr, case);
-    engine.block_on(move || async move { pool.shutdown().await })??;
-    drop(engine);
-    measured
+    load_then_stop(engine, pool, addr, case)
 }
 
 /// A `prefork` child's connection: read, compute and answer in place, on

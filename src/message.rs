@@ -47,6 +47,36 @@ pub(crate) struct Spill {
     pub(crate) overflow: Option<usize>,
 }
 
+impl Spill {
+    /// Moves the archive begun at `vec[base..]` into the free extent, if
+    /// the extent holds `need` bytes (at least what is there), and marks
+    /// it spilled: the caller then writes on in the arena, or sends the
+    /// descriptor. Otherwise records `need` as the overflow and leaves
+    /// `vec` alone.
+    pub(crate) fn move_in(&mut self, vec: &mut Vec<u8>, base: usize, need: usize) -> bool {
+        let have = vec.len() - base;
+        match self.extent {
+            Some((off, len)) if len >= need.max(have) => {
+                // SAFETY: the extent lies inside the data area and is free
+                // (the sender alone allocates, and nobody else holds it),
+                // `have <= len`, and the frame buffer does not overlap
+                // shared memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(vec.as_ptr().add(base), self.data.add(off), have);
+                }
+                vec.truncate(base);
+                self.written = have;
+                self.spilled = true;
+                true
+            }
+            _ => {
+                self.overflow = Some(need.max(have));
+                false
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SlotFull;
 
@@ -108,31 +138,13 @@ impl<'b> SlotWriter<'b> {
                 self.vec.extend_from_slice(bytes);
                 return Ok(());
             }
-            match s.extent {
-                Some((off, len)) if len >= need => {
-                    // SAFETY: the extent lies inside the data area and is
-                    // free (the sender alone allocates, and nobody else holds
-                    // it), `have <= len`, and the frame buffer does not
-                    // overlap shared memory.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            self.vec.as_ptr().add(self.base),
-                            s.data.add(off),
-                            have,
-                        );
-                    }
-                    self.vec.truncate(self.base);
-                    s.written = have;
-                    s.spilled = true;
-                    // From now on every write goes to the arena.
-                    self.fast_limit = 0;
-                }
-                _ => {
-                    s.overflow = Some(need);
-                    // Inline from now on; the caller retries or sends inline.
-                    self.fast_limit = usize::MAX;
-                    return Err(SlotFull);
-                }
+            if s.move_in(self.vec, self.base, need) {
+                // From now on every write goes to the arena.
+                self.fast_limit = 0;
+            } else {
+                // Inline from now on; the caller retries or sends inline.
+                self.fast_limit = usize::MAX;
+                return Err(SlotFull);
             }
         }
         let (off, len) = s.extent.expect("spilled into an extent");

@@ -498,10 +498,18 @@ fn engine_panic_before_the_future(b: Backend) {
 /// Calls abandoned by a timeout free their slots once their jobs end, and
 /// the pool still serves and shuts down.
 fn pool_cancelled_calls_do_not_leak(b: Backend) {
+    // One job at a time, and three side by side (`concurrency`).
+    for concurrency in [1, 3] {
+        cancelled_calls_do_not_leak(b, concurrency);
+    }
+}
+
+fn cancelled_calls_do_not_leak(b: Backend, concurrency: usize) {
     common::block_on(async {
         let pool = Pool::builder_async(slow_echo)
             .workers(1)
-            .max_in_flight(2)
+            .concurrency(concurrency)
+            .max_in_flight(concurrency.max(2))
             .backend(b)
             .build()
             .await

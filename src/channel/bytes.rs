@@ -28,7 +28,7 @@ impl BytesSender {
         if self.half.push_message(value).await? {
             return self.half.flush().await;
         }
-        self.half.feed_flush().await
+        self.half.wait_room().await
     }
 
     /// Queues `bytes` (serialized already, meant to be read 16-byte
@@ -38,7 +38,7 @@ impl BytesSender {
         if self.half.push_bytes(bytes).await? {
             return self.half.flush().await;
         }
-        self.half.feed_flush().await
+        self.half.wait_room().await
     }
 
     /// Sends one frame carrying `bytes`; see [`Sender::send`].
@@ -76,7 +76,7 @@ impl BytesSender {
             buf.extend_from_slice(bytes);
             Ok(())
         })?;
-        self.half.feed_flush().await
+        self.half.wait_room().await
     }
 
     /// Writes everything queued.

@@ -217,30 +217,11 @@ impl SendHalf {
                     if n < spill.threshold {
                         return Ok(FrameKind::Data);
                     }
-                    match spill.extent {
-                        Some((off, len)) if len >= n => {
-                            // SAFETY: the extent lies inside the data area
-                            // and is free (the sender alone allocates it,
-                            // and nobody holds it), `n <= len`, and the frame
-                            // buffer does not overlap shared memory.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    buf.as_ptr().add(start),
-                                    spill.data.add(off),
-                                    n,
-                                );
-                            }
-                            buf.truncate(start);
-                            spill.written = n;
-                            spill.spilled = true;
-                        }
-                        _ => {
-                            spill.overflow = Some(n);
-                            return Err(Error::new(
-                                ErrorKind::Serialize,
-                                "message does not fit in the free arena space",
-                            ));
-                        }
+                    if !spill.move_in(buf, start, n) {
+                        return Err(Error::new(
+                            ErrorKind::Serialize,
+                            "message does not fit in the free arena space",
+                        ));
                     }
                 } else {
                     payload.write(SlotWriter::new(&mut *buf, Some(&mut spill)))?;
@@ -318,16 +299,10 @@ impl SendHalf {
         self.enc.queued() >= FEED_HIGH_WATER
     }
 
-    /// Waits, writing, until the queue is below the high-water mark. Call it
-    /// before queueing a frame: dropped while it waits, nothing was queued.
+    /// Writes the queue if it reached the high-water mark. Call it before
+    /// queueing a frame (dropped while it waits, nothing was queued) and
+    /// after `feed` queued one.
     pub(super) async fn wait_room(&mut self) -> Result<()> {
-        if self.at_high_water() {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    pub(super) async fn feed_flush(&mut self) -> Result<()> {
         if self.at_high_water() {
             self.flush().await?;
         }

@@ -96,7 +96,7 @@ impl<T: Encode> Sender<T> {
             // next one (holding descriptors back would serialize the two).
             return self.half.flush().await;
         }
-        // `feed_flush`, spelled out (see `SendHalf::push_payload`).
+        // `wait_room`, spelled out (see `SendHalf::push_payload`).
         if self.half.at_high_water() {
             self.half.flush().await?;
         }
