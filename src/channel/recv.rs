@@ -93,7 +93,23 @@ impl RecvHalf {
     /// Only a decoded frame leaves this function, so dropping the future
     /// between polls loses nothing: bytes read so far stay in the decoder,
     /// and a read in flight stays with the handle.
+    #[inline]
     fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        spin: bool,
+    ) -> Poll<Result<(FrameKind, Range<usize>)>> {
+        // A data frame already buffered, inline; everything else (reads,
+        // descriptors, errors) out of line.
+        if !self.poisoned
+            && let Some(payload) = self.dec.next_data_fast()
+        {
+            return Poll::Ready(Ok((FrameKind::Data, payload)));
+        }
+        self.poll_frame_slow(cx, spin)
+    }
+
+    fn poll_frame_slow(
         &mut self,
         cx: &mut Context<'_>,
         spin: bool,
@@ -161,6 +177,7 @@ impl RecvHalf {
 
     /// Gives back the slot of the message the previous `recv` lent (its
     /// borrow of the receiver has ended, so the message is gone).
+    #[inline]
     fn release_current(&mut self) {
         if self.lent_current
             && let Some(a) = &self.arena
@@ -187,10 +204,15 @@ impl RecvHalf {
 
     /// The payload of a frame: in the receive buffer, in the arena (read in
     /// place), or copied out of the arena (untrusted peer).
+    #[inline]
     fn resolve(&mut self, kind: FrameKind, r: Range<usize>) -> Result<&[u8]> {
         if kind != FrameKind::Arena {
             return Ok(&self.dec.buffer()[r]);
         }
+        self.resolve_slot(r)
+    }
+
+    fn resolve_slot(&mut self, r: Range<usize>) -> Result<&[u8]> {
         let (arena, held) = self.accept(r)?;
         if arena.in_place() {
             arena.set_current(held);

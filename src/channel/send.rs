@@ -6,7 +6,7 @@ use crate::arena::{Descriptor, SendArena};
 use crate::backend::{Backend, Io};
 use crate::error::{Error, ErrorKind, Result};
 use crate::framing::{Encoder, FrameKind};
-use crate::message::{Encode, SlotWriter, Spill, encode_into};
+use crate::message::{Encode, Scratch, SlotWriter, Spill, encode_with};
 use crate::sys;
 use rkyv::rancor;
 use std::future::poll_fn;
@@ -18,8 +18,8 @@ use std::task::{Context, Poll, ready};
 /// already; written through a `SlotWriter` (which spills into an arena slot
 /// past the threshold) or inline into the encoder's buffer.
 trait Payload {
-    fn write(&self, w: SlotWriter<'_>) -> Result<()>;
-    fn inline(&self, buf: &mut Vec<u8>) -> Result<()>;
+    fn write(&self, w: SlotWriter<'_>, scratch: &mut Scratch) -> Result<()>;
+    fn inline(&self, buf: &mut Vec<u8>, scratch: &mut Scratch) -> Result<()>;
     /// The payload's size, if known before it is written.
     fn size(&self) -> Option<usize>;
 }
@@ -28,15 +28,19 @@ struct Archive<'a, T>(&'a T);
 
 impl<T: Encode> Payload for Archive<'_, T> {
     #[inline]
-    fn write(&self, w: SlotWriter<'_>) -> Result<()> {
-        rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(self.0, w)
-            .map(drop)
-            .map_err(crate::message::serialize_error)
+    fn write(&self, w: SlotWriter<'_>, scratch: &mut Scratch) -> Result<()> {
+        rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::BoxedError>(
+            self.0,
+            w,
+            scratch.handle(),
+        )
+        .map(drop)
+        .map_err(crate::message::serialize_error)
     }
 
     #[inline]
-    fn inline(&self, buf: &mut Vec<u8>) -> Result<()> {
-        encode_into(self.0, buf)
+    fn inline(&self, buf: &mut Vec<u8>, scratch: &mut Scratch) -> Result<()> {
+        encode_with(self.0, buf, scratch)
     }
 
     #[inline]
@@ -48,12 +52,12 @@ impl<T: Encode> Payload for Archive<'_, T> {
 struct Bytes<'a>(&'a [u8]);
 
 impl Payload for Bytes<'_> {
-    fn write(&self, mut w: SlotWriter<'_>) -> Result<()> {
+    fn write(&self, mut w: SlotWriter<'_>, _: &mut Scratch) -> Result<()> {
         rkyv::ser::Writer::<rancor::BoxedError>::write(&mut w, self.0)
             .map_err(crate::message::serialize_error)
     }
 
-    fn inline(&self, buf: &mut Vec<u8>) -> Result<()> {
+    fn inline(&self, buf: &mut Vec<u8>, _: &mut Scratch) -> Result<()> {
         buf.extend_from_slice(self.0);
         Ok(())
     }
@@ -70,6 +74,13 @@ impl Payload for Bytes<'_> {
 /// many sends are cancelled, a sender holds at most this much plus one frame.
 const FEED_HIGH_WATER: usize = 256 * 1024;
 
+fn too_large(len: usize, max: usize) -> Error {
+    Error::new(
+        ErrorKind::FrameTooLarge,
+        format!("send: message of {len} bytes exceeds the limit of {max} bytes"),
+    )
+}
+
 /// The sending machinery shared by typed and bytes senders.
 pub(crate) struct SendHalf {
     pub(crate) io: Io,
@@ -79,6 +90,8 @@ pub(crate) struct SendHalf {
     pub(crate) arena: Option<SendArena>,
     /// Handed to a child: this copy must not write on drop.
     pub(crate) moved: std::sync::atomic::AtomicBool,
+    /// rkyv's scratch memory for this sender's messages.
+    scratch: Scratch,
 }
 
 impl SendHalf {
@@ -90,6 +103,7 @@ impl SendHalf {
             closed: false,
             arena: None,
             moved: Default::default(),
+            scratch: Scratch::default(),
         })
     }
 
@@ -101,6 +115,7 @@ impl SendHalf {
             closed: false,
             arena: None,
             moved: Default::default(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -109,12 +124,18 @@ impl SendHalf {
         if self.closed {
             return Err(Error::new(ErrorKind::Closed, "send"));
         }
-        self.enc.push_with(fill, |len, max| {
-            Error::new(
-                ErrorKind::FrameTooLarge,
-                format!("send: message of {len} bytes exceeds the limit of {max} bytes"),
-            )
-        })
+        self.enc.push_with(fill, too_large)
+    }
+
+    /// Queues `payload` inline, as one data frame in the encoder's buffer.
+    #[inline]
+    fn push_inline<P: Payload>(&mut self, payload: &P) -> Result<()> {
+        if self.closed {
+            return Err(Error::new(ErrorKind::Closed, "send"));
+        }
+        let scratch = &mut self.scratch;
+        self.enc
+            .push_with(|buf| payload.inline(buf, scratch), too_large)
     }
 
     /// Queues one typed message: through the arena when it has one and the
@@ -145,7 +166,7 @@ impl SendHalf {
             self.flush().await?;
         }
         if self.arena.is_none() {
-            return self.push(|buf| payload.inline(buf)).map(|()| false);
+            return self.push_inline(payload).map(|()| false);
         }
         loop {
             let seq = self.arena.as_ref().map_or(0, |a| a.next_seq);
@@ -208,11 +229,12 @@ impl SendHalf {
             Some(n) => n < arena.threshold,
             None => arena.small,
         };
+        let scratch = &mut self.scratch;
         let pushed = self.enc.push_kind_with(
             |buf| {
                 if small {
                     let start = buf.len();
-                    payload.inline(buf)?;
+                    payload.inline(buf, scratch)?;
                     let n = buf.len() - start;
                     if n < spill.threshold {
                         return Ok(FrameKind::Data);
@@ -224,7 +246,7 @@ impl SendHalf {
                         ));
                     }
                 } else {
-                    payload.write(SlotWriter::new(&mut *buf, Some(&mut spill)))?;
+                    payload.write(SlotWriter::new(&mut *buf, Some(&mut spill)), scratch)?;
                     if !spill.spilled {
                         return Ok(FrameKind::Data);
                     }
@@ -238,12 +260,7 @@ impl SendHalf {
                 buf.extend_from_slice(&d.encode());
                 Ok(FrameKind::Arena)
             },
-            |len, max| {
-                Error::new(
-                    ErrorKind::FrameTooLarge,
-                    format!("send: message of {len} bytes exceeds the limit of {max} bytes"),
-                )
-            },
+            too_large,
         );
         let arena = self.arena.as_mut().expect("has an arena");
         arena.small = pushed.is_ok() && !spill.spilled;
@@ -261,7 +278,7 @@ impl SendHalf {
                 let need = spill.overflow.unwrap_or(0);
                 if arena.slots.all_free() || need > arena.arena.data_len() {
                     // Larger than the whole arena: inline over the pipe.
-                    self.push(|buf| payload.inline(buf))?;
+                    self.push_inline(payload)?;
                     return Ok(None);
                 }
                 Ok(Some(extent.map_or(0, |(_, l)| l)))

@@ -2,7 +2,7 @@
 
 use super::{
     ABSOLUTE_MAX_FRAME, DESCRIPTOR_LEN, FRAME_ALIGN, FrameError, FrameKind, HEADER_LEN, HELLO_LEN,
-    HELLO_MAGIC, READ_CHUNK, SCALE, SHRINK_ABOVE, VERSION, padded, parse_header,
+    HELLO_MAGIC, MAGIC, READ_CHUNK, SCALE, SHRINK_ABOVE, VERSION, padded, parse_header,
 };
 use rkyv::util::AlignedVec;
 use std::ops::Range;
@@ -73,7 +73,48 @@ impl Decoder {
     /// Decodes the next data or arena-descriptor frame: its kind and the
     /// range of its payload in [`Decoder::buffer`]. A descriptor frame's
     /// payload is exactly [`DESCRIPTOR_LEN`] bytes (else a protocol error).
+    #[inline]
     pub fn next_any(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, FrameError> {
+        match self.next_data_fast() {
+            Some(payload) => Ok(Some((FrameKind::Data, payload))),
+            None => self.next_any_slow(),
+        }
+    }
+
+    /// The common case of [`Decoder::next_any`], small enough to inline
+    /// into the receive loop: a whole, valid data frame after the hello.
+    /// Anything else (`None`) goes through `next_any_slow`, which accepts
+    /// exactly the same frames, so this only saves time. (Measured on 64 B
+    /// frames: the out-of-line call and its returned range, stored in two
+    /// halves and loaded as one, were a tenth of the receiver's CPU.)
+    #[inline]
+    pub(crate) fn next_data_fast(&mut self) -> Option<Range<usize>> {
+        if !self.hello_seen || self.lent || self.failed.is_some() {
+            return None;
+        }
+        let h: &[u8; HEADER_LEN] = self
+            .buf
+            .get(self.start..self.start + HEADER_LEN)?
+            .try_into()
+            .ok()?;
+        // A data header is `len: u32 LE`, kind 2, three zero bytes, the
+        // magic, four zero bytes (`header`): two words to compare.
+        let lo = u64::from_le_bytes(h[..8].try_into().ok()?);
+        let hi = u64::from_le_bytes(h[8..].try_into().ok()?);
+        if lo >> 32 != FrameKind::Data as u64 || hi != u64::from(u32::from_le_bytes(MAGIC)) {
+            return None;
+        }
+        let len = lo as u32 as usize;
+        let total = HEADER_LEN + padded(len);
+        if len > self.max_frame || self.buf.len() - self.start < total {
+            return None;
+        }
+        let payload = self.start + HEADER_LEN..self.start + HEADER_LEN + len;
+        self.start += total;
+        Some(payload)
+    }
+
+    fn next_any_slow(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, FrameError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
