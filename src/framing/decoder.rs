@@ -2,7 +2,8 @@
 
 use super::{
     ABSOLUTE_MAX_FRAME, DESCRIPTOR_LEN, FRAME_ALIGN, FrameError, FrameKind, HEADER_LEN, HELLO_LEN,
-    HELLO_MAGIC, MAGIC, READ_CHUNK, SCALE, SHRINK_ABOVE, VERSION, padded, parse_header,
+    HELLO_MAGIC, MAGIC, READ_CHUNK, SCALE, SHRINK_ABOVE, SMALL_READ_MAX, VERSION, padded,
+    parse_header,
 };
 use rkyv::util::AlignedVec;
 use std::ops::Range;
@@ -26,8 +27,9 @@ pub struct Decoder {
     /// Capacity of the buffer while it is lent out.
     lent_capacity: usize,
     /// How much a read of small frames asks for: starts at `MIN_CHUNK` and
-    /// doubles up to `READ_CHUNK` each time a read fills all it was offered,
-    /// so a quiet channel holds a few KiB, a busy one reads 64 KiB at once.
+    /// doubles up to `SMALL_READ_MAX` each time a read fills all it was
+    /// offered, so a quiet channel holds a few KiB, a busy one reads 256 KiB
+    /// at once.
     chunk: usize,
     /// The room the last `reserve` offered.
     offered: usize,
@@ -241,11 +243,10 @@ impl Decoder {
     /// without moving bytes; room grows with the bytes that arrived,
     /// doubling, never with what the header claims: a peer that announces
     /// 256 MiB and sends 100 bytes costs a read chunk. Otherwise a read asks
-    /// for the current read size (`chunk`: 4 KiB, growing to a read chunk
-    /// while reads come back full), and at most a read chunk, so the start
-    /// of a large frame read together
-    /// with small ones, which must move to the front of the buffer once they
-    /// are consumed, is at most that long. (Measured before this cap: 1 MiB
+    /// for the current read size (`chunk`: 4 KiB, growing to 256 KiB while
+    /// reads come back full), and at most that, so the start of a large
+    /// frame read together with small ones, which must move to the front of
+    /// the buffer once they are consumed, is at most that long. (Measured before this cap: 1 MiB
     /// frames back to back spent 12% of the receiver's time moving the next
     /// frame's first part, read along with the previous frame's tail.)
     fn wanted(&self) -> (usize, usize) {
@@ -258,7 +259,7 @@ impl Decoder {
             if total > READ_CHUNK && rest > 0 {
                 return (rest.min(avail.len().max(READ_CHUNK)), rest);
             }
-            return (rest.max(self.chunk), READ_CHUNK);
+            return (rest.max(self.chunk), self.chunk.max(READ_CHUNK));
         }
         (self.chunk, self.chunk)
     }
@@ -308,7 +309,7 @@ impl Decoder {
     /// The first `n` bytes of the last reserved region must have been
     /// initialised, and `n` must not exceed its length.
     pub unsafe fn commit(&mut self, n: usize) {
-        if n >= self.offered && self.chunk < READ_CHUNK {
+        if n >= self.offered && self.chunk < SMALL_READ_MAX {
             // The read filled all it was offered: more was probably waiting.
             self.chunk *= 2;
         }

@@ -17,7 +17,9 @@
 //! ASan's allocator maps and unmaps each time. Sizes in the targets are
 //! relative to `READ_CHUNK`.
 
-use ringipc::framing::{Decoder, FrameError, HEADER_LEN, HELLO_LEN, READ_CHUNK, padded};
+use ringipc::framing::{
+    Decoder, FrameError, HEADER_LEN, HELLO_LEN, READ_CHUNK, SMALL_READ_MAX, padded,
+};
 
 /// Largest data limit an input can choose: frames around it also cross the
 /// decoder's large-frame threshold.
@@ -125,11 +127,11 @@ pub fn decode(
             d.unconsumed().len(),
             chunk.len()
         );
-        // A read asks for at most one frame or READ_CHUNK, and capacity
+        // A read asks for at most one frame or SMALL_READ_MAX, and capacity
         // rounds up to a power of two: memory grows with the largest frame
         // and read, never with the stream. (Consumed bytes may stay in the
         // buffer until its room runs out.)
-        let bound = 2 * (2 * frame_bound(max) + READ_CHUNK + largest_chunk);
+        let bound = 2 * (2 * frame_bound(max) + SMALL_READ_MAX + largest_chunk);
         assert!(
             d.capacity() <= bound,
             "decoder has {} bytes of capacity, bound {bound}",
