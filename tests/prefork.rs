@@ -225,8 +225,15 @@ fn a_burst_reaches_every_child(b: Backend) {
 }
 
 async fn burst_reaches_every_child(server: Prefork) {
-    {
-        let addr = server.local_addr();
+    let addr = server.local_addr();
+    let children: std::collections::HashSet<u32> = server.stats().iter().map(|s| s.pid).collect();
+    // A child whose loop has not run for 100 ms is not waited for (by
+    // design: a stuck child must not stop the others). On a machine
+    // oversubscribed by the parallel test suite that can happen to a
+    // healthy child, so a burst is tried up to three times; the spread
+    // itself is what must work.
+    let mut seen = Vec::new();
+    for attempt in 1..=3 {
         let pids: std::collections::HashSet<u32> = tokio::task::spawn_blocking(move || {
             let conns: Vec<TcpStream> =
                 (0..32).map(|_| TcpStream::connect(addr).unwrap()).collect();
@@ -241,11 +248,16 @@ async fn burst_reaches_every_child(server: Prefork) {
         })
         .await
         .unwrap();
-        let children: std::collections::HashSet<u32> =
-            server.stats().iter().map(|s| s.pid).collect();
-        assert_eq!(pids, children, "32 connections did not reach both children");
-        server.shutdown(Duration::from_secs(10)).await.unwrap();
+        if pids == children {
+            if attempt > 1 {
+                eprintln!("burst {attempt} reached both children (earlier: {seen:?})");
+            }
+            server.shutdown(Duration::from_secs(10)).await.unwrap();
+            return;
+        }
+        seen.push(pids);
     }
+    panic!("3 bursts of 32 connections did not reach both children {children:?}: {seen:?}");
 }
 
 /// Answers its pid; a connection that then sends `h` blocks its child's
