@@ -68,8 +68,8 @@ impl EpollIo {
         let afd = self.fd.registered()?;
         loop {
             let mut guard = ready!(afd.poll_write_ready(cx))?;
-            let want = enc.pending().len();
-            match guard.try_io(|fd| sys::write(fd.as_raw_fd(), enc.pending())) {
+            let want = crate::framing::write_len(enc.pending().len());
+            match guard.try_io(|fd| sys::write(fd.as_raw_fd(), &enc.pending()[..want])) {
                 Ok(Ok(n)) => {
                     enc.advance(n);
                     if n < want {

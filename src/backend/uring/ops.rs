@@ -265,7 +265,7 @@ impl UringIo {
         loop {
             if self.slot.op.is_none() {
                 let (buf, pos) = enc.take_buf();
-                let len = (buf.len() - pos).min(MAX_IO);
+                let len = crate::framing::write_len(buf.len() - pos).min(MAX_IO);
                 // SAFETY: `pos <= buf.len()`, so the pointer stays inside the allocation.
                 let ptr = unsafe { buf.as_ptr().add(pos) };
                 let entry = opcode::Write::new(types::Fd(self.fd.as_raw_fd()), ptr, len as u32)
