@@ -1365,21 +1365,24 @@ fn main() {
             .arena(false)
             .set_process_default();
     }
-    if args.arena {
-        if let Err(e) = arena_bench::run(args.quick) {
-            eprintln!("harness: {e}");
-            std::process::exit(1);
+    let outcome = pin(&args).and_then(|pinning| {
+        if args.arena {
+            // The same pinning as in the full run, so `--arena` alone
+            // measures what the full run's table 1b does.
+            arena_bench::run(args.quick).map_err(|e| e as Box<dyn std::error::Error>)
+        } else {
+            run(args, pinning)
         }
-        return;
-    }
-    if let Err(e) = run(args) {
+    });
+    if let Err(e) = outcome {
         eprintln!("harness: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let t0 = Instant::now();
+/// Pins the measuring threads as `--pin` / `--no-pin` say (default: the
+/// first two usable cores), and returns the pair.
+fn pin(args: &Args) -> Result<Option<[usize; 2]>, Box<dyn std::error::Error>> {
     let usable = usable_cores();
     let pinning = match (args.no_pin, args.pin) {
         (true, _) => None,
@@ -1394,6 +1397,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         (false, None) => (usable.len() >= 2).then(|| [usable[0], usable[1]]),
     };
     measure::set_pinning(pinning);
+    Ok(pinning)
+}
+
+fn run(args: Args, pinning: Option<[usize; 2]>) -> Result<(), Box<dyn std::error::Error>> {
+    let t0 = Instant::now();
+    let usable = usable_cores();
 
     let cell =
         Duration::from_secs_f64(args.duration.unwrap_or(if args.quick { 0.06 } else { 0.5 }));
