@@ -317,10 +317,14 @@ fn a_stuck_child_does_not_stop_the_others(b: Backend) {
 static LANE: Lane = Lane::new();
 static TURNS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Per request (one byte): acknowledges it with `S`, computes through the
-/// lane (request `1` blocks the child 300 ms, as CPU work would; the
+/// Greets the connection with `H` (it is accepted and its handler runs),
+/// then per request (one byte): acknowledges it with `S`, computes through
+/// the lane (request `1` blocks the child 300 ms, as CPU work would; the
 /// others 10 ms), and answers the turn number it got.
 async fn take_turns(mut conn: tokio::net::TcpStream, _: Drain, _: ()) {
+    if conn.write_all(b"H").await.is_err() {
+        return;
+    }
     let mut req = [0u8; 1];
     while conn.read_exact(&mut req).await.is_ok() {
         if conn.write_all(b"S").await.is_err() {
@@ -364,6 +368,13 @@ fn handlers_take_turns_through_a_lane(b: Backend) {
                 conn.read_exact(&mut x).unwrap();
                 x[0]
             };
+            // Every connection is accepted and its handler waits for a
+            // request before the child blocks (a connection still in the
+            // backlog would be accepted only after a's first request, and
+            // its handler would queue behind a's second one).
+            for conn in [&mut a, &mut b, &mut c] {
+                assert_eq!(read(conn), b'H');
+            }
             // Both of a's requests at once; the first blocks the child.
             a.write_all(b"12").unwrap();
             assert_eq!(read(&mut a), b'S');
