@@ -116,7 +116,9 @@ impl Decoder {
         Some(payload)
     }
 
-    fn next_any_slow(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, FrameError> {
+    pub(super) fn next_any_slow(
+        &mut self,
+    ) -> Result<Option<(FrameKind, Range<usize>)>, FrameError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -246,9 +248,10 @@ impl Decoder {
     /// for the current read size (`chunk`: 4 KiB, growing to 256 KiB while
     /// reads come back full), and at most that, so the start of a large
     /// frame read together with small ones, which must move to the front of
-    /// the buffer once they are consumed, is at most that long. (Measured before this cap: 1 MiB
-    /// frames back to back spent 12% of the receiver's time moving the next
-    /// frame's first part, read along with the previous frame's tail.)
+    /// the buffer once they are consumed, is at most that long. (Measured
+    /// before a cap: 1 MiB frames back to back spent 12% of the receiver's
+    /// time moving the next frame's first part, read along with the
+    /// previous frame's tail.)
     fn wanted(&self) -> (usize, usize) {
         let avail = &self.buf[self.start..];
         if avail.len() >= HEADER_LEN
