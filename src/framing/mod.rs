@@ -184,11 +184,11 @@ const WRITE_PIECE: usize = 128 * 1024;
 /// A pipe write holds the pipe's lock while it copies, so a whole-frame
 /// write makes the writer's and the reader's copies take turns; in pieces,
 /// the reader copies one out while the writer copies the next in (1 MiB
-/// frames with the arena off: about 1.2x the bandwidth, docs/performance.md).
+/// frames with the arena off: 1.3-1.5x the bandwidth, docs/performance.md).
 /// Batches of small frames (at most the 256 KiB high-water mark plus a
 /// frame) still go in one write: in pieces they cost more wake-ups than
 /// they gain (4 KiB frames lost a fifth of their rate).
-pub fn write_len(pending: usize) -> usize {
+pub(crate) fn write_len(pending: usize) -> usize {
     if pending > PIECEWISE_ABOVE {
         WRITE_PIECE
     } else {
