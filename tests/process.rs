@@ -18,6 +18,14 @@ fn cfg(b: Backend) -> ChannelConfig {
 
 // ---- entry functions (run in children) ----
 
+/// Sends `[n; 3]` on a sender that may hold the unwritten rest of a frame
+/// (it goes first), then closes.
+async fn finish_and_send(args: (Sender<Vec<u8>>, u8)) {
+    let (mut tx, n) = args;
+    tx.send(&vec![n; 3]).await.unwrap();
+    tx.close().await.unwrap();
+}
+
 fn exit_with(code: i32) {
     std::process::exit(code);
 }
@@ -497,6 +505,30 @@ fn child_exits_while_parent_writes(b: Backend) {
         let e = err.expect("writes to a dead reader must fail");
         assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
         assert_eq!(p.join().await.unwrap(), ExitStatus::Code(3));
+    });
+}
+
+/// A sender handed to a child while a large inline frame is partly
+/// written (it goes out in 128 KiB writes, one of them possibly in flight
+/// when the parent lets go): the child writes the rest, then its own
+/// message, and the parent reads both whole and in order.
+fn sender_handed_over_mid_frame(b: Backend) {
+    common::block_on(async {
+        let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let (mut tx, mut rx) = cfg(b).arena(false).pipe::<Vec<u8>>().unwrap();
+        // Larger than the pipe (1 MiB at most): the send cannot finish.
+        let r = tokio::time::timeout(Duration::from_millis(20), tx.send(&big)).await;
+        assert!(r.is_err(), "a 4 MiB frame cannot fit in the pipe");
+        let mut child = Process::builder_async(finish_and_send)
+            .arg((tx, 7u8))
+            .backend(b)
+            .start()
+            .unwrap();
+        let first = rx.recv().await.unwrap().to_vec();
+        assert!(first == big, "the large frame arrived intact");
+        assert_eq!(rx.recv().await.unwrap().to_vec(), vec![7u8; 3]);
+        assert_eq!(rx.recv().await.unwrap_err().kind(), ErrorKind::Closed);
+        assert!(child.join().await.unwrap().success());
     });
 }
 
@@ -1135,6 +1167,7 @@ fn main() {
             "child_exits_while_parent_writes",
             child_exits_while_parent_writes,
         ),
+        ("sender_handed_over_mid_frame", sender_handed_over_mid_frame),
         (
             "only_passed_fds_are_inherited",
             only_passed_fds_are_inherited,
