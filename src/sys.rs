@@ -109,6 +109,24 @@ pub unsafe fn read_nowait(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usi
     }
 }
 
+/// A write that never blocks, even on a blocking fd: `pwritev2` with
+/// `RWF_NOWAIT` at the current position. `WouldBlock` when the pipe has no
+/// room.
+pub fn write_nowait(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over `buf`, which the kernel only reads; offset -1
+    // writes at the current position, as a pipe requires.
+    let n = unsafe { libc::pwritev2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// `write(2)` of `buf`.
 pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a valid slice for reads of its length.
