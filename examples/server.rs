@@ -10,9 +10,9 @@
 //! - `handoff-conn`: the job is the whole connection, handed over once:
 //!   the worker serves it until the client closes it, beside its other
 //!   connections (an async handler, `concurrency`);
-//! - `prefork`: a [`Prefork`] server: one pinned child per core accepts on
-//!   one listening socket and reads, computes and answers in place (no
-//!   engine, no copy through a parent);
+//! - `prefork`: a [`Prefork`] server: one child per core (pinned with
+//!   `--pin`) accepts on one listening socket and reads, computes and
+//!   answers in place (no engine, no copy through a parent);
 //! - `spawn-blocking`: a tokio multi-thread runtime, compute in
 //!   `spawn_blocking` (no ringipc);
 //! - `rayon`: a tokio multi-thread runtime for I/O, compute on a rayon pool.
@@ -69,6 +69,14 @@ struct Args {
     /// Tiny runs (a few seconds in all), to check that every mode works.
     #[arg(long)]
     quick: bool,
+    /// Pin the processes that serve connections themselves (`prefork`
+    /// children, `handoff-conn` workers) one per core. Off by default: the
+    /// load generator runs on the same cores, and a pinned server process
+    /// then shares its core with the client's thread while the other core
+    /// may idle (1 MiB requests, 50 µs jobs: about 0.75x spawn_blocking's
+    /// req/s pinned, 0.9-1.0x unpinned; see docs/performance.md, "Servers").
+    #[arg(long)]
+    pin: bool,
     /// Only serve in `pool` mode, on this port, with the first `--job-us`,
     /// until killed.
     #[arg(long)]
@@ -85,6 +93,8 @@ struct Case {
     rounds: u64,
     connections: usize,
     requests: usize,
+    /// `--pin`.
+    pin: bool,
 }
 
 /// What the load generator saw in one case.
@@ -365,6 +375,7 @@ fn handoff_conn_mode(case: &Case) -> Result<Measured> {
         &engine,
         Pool::builder_async(serve_connection)
             .name("conn-worker")
+            .pin(case.pin)
             .concurrency(CONNS_PER_WORKER),
     )?;
     let rounds = case.rounds;
@@ -514,7 +525,7 @@ async fn prefork_conn(mut conn: tokio::net::TcpStream, mut drain: Drain, rounds:
             // Between requests only: this server drains after the load.
             _ = drain.wait() => return,
         }
-        // The child is a pinned process of its own: computing on its thread
+        // The child is a process of its own: computing on its thread
         // is what it is for. Its other connections wait meanwhile, and the
         // lane makes them take turns in the order their requests came, as a
         // thread pool's queue would (inline, tokio's order would let some
@@ -540,6 +551,7 @@ fn prefork_mode(case: &Case) -> Result<Measured> {
     let server = rt.block_on(
         Prefork::builder(prefork_conn, case.rounds)
             .name("prefork")
+            .pin(case.pin)
             .start(listener),
     )?;
     let measured = load(server.local_addr(), case);
@@ -797,6 +809,7 @@ fn main() -> Result<()> {
                 requests: args
                     .requests
                     .unwrap_or_else(|| requests_for(payload, job_us, args.connections, budget)),
+                pin: args.pin,
             };
             // Every mode runs first, so each row can show its ratio to the
             // baseline whatever the order on the command line.

@@ -413,6 +413,13 @@ where
     }
 
     /// Pins child `i` to the `i`-th core this process may use (default: on).
+    ///
+    /// Pinning suits cores that belong to the server. Where other busy
+    /// threads share them (a load generator on the same machine, other
+    /// services), a pinned child waits for its core while another core may
+    /// idle: in `examples/server.rs` on two cores, with the load generator
+    /// beside the server, 1 MiB requests with 50 µs jobs ran at about 0.75x
+    /// spawn_blocking's req/s pinned and 0.9–1.0x unpinned.
     pub fn pin(mut self, pin: bool) -> Self {
         self.pin = pin;
         self

@@ -300,6 +300,8 @@ impl<J, R> PoolBuilder<J, R> {
     }
 
     /// Whether worker `i` is pinned to the `i`-th core (default: yes).
+    /// Unpin where other busy threads share the cores (see
+    /// [`PreforkBuilder::pin`](crate::PreforkBuilder::pin)).
     pub fn pin(mut self, yes: bool) -> Self {
         self.pin = yes;
         self
