@@ -236,19 +236,20 @@ impl Scratch {
     }
 }
 
-/// [`encode_into`] with the sender's own scratch memory.
+/// [`encode_into`] with the sender's own scratch memory, into any writer
+/// (the send buffer, or a `SlotWriter` that spills into the arena).
 #[inline]
-pub(crate) fn encode_with<T: Encode>(
-    value: &T,
-    out: &mut Vec<u8>,
-    scratch: &mut Scratch,
-) -> Result<()> {
+pub(crate) fn encode_with<T, W>(value: &T, out: W, scratch: &mut Scratch) -> Result<()>
+where
+    T: for<'a> Serialize<HighSerializer<W, ArenaHandle<'a>, rancor::BoxedError>>,
+    W: rkyv::ser::Writer<rancor::BoxedError>,
+{
     rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::BoxedError>(
         value,
         out,
         scratch.handle(),
     )
-    .map(|_| ())
+    .map(drop)
     .map_err(serialize_error)
 }
 

@@ -265,7 +265,62 @@ async fn thousands_complete_while_busy(cfg: ChannelConfig) {
         .expect("every completion arrives without further submissions");
 }
 
+/// A receiver that alternates between finding messages waiting (uring
+/// then reads the pipe directly) and finding the pipe empty (a read goes
+/// into the ring), moved to a new short-lived thread every few hundred
+/// messages, with receive futures dropped mid-way before each move: every
+/// message arrives once, in order.
+async fn direct_and_ring_reads_across_threads(cfg: ChannelConfig) {
+    const N: u64 = 6000;
+    const HOPS: u64 = 20;
+    let (tx, mut rx) = cfg.pipe::<u64>().unwrap();
+    // Bursts, then pauses: the receiver sees both a full and an empty pipe.
+    let sender = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mut tx = tx;
+            for i in 0..N {
+                tx.feed(&i).await.unwrap();
+                if i % 64 == 63 {
+                    tx.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+            tx.flush().await.unwrap();
+        })
+    });
+    let mut next = 0u64;
+    for hop in 0..HOPS {
+        (rx, next) = on_short_lived_thread(async move || {
+            let (mut rx, mut next) = (rx, next);
+            let until = (hop + 1) * N / HOPS;
+            while next < until {
+                assert_eq!(rx.recv().await.unwrap().to_native(), next);
+                next += 1;
+            }
+            // A receive dropped mid-way (or that got a message in time).
+            if next < N
+                && let Ok(m) = tokio::time::timeout(Duration::from_micros(50), rx.recv()).await
+            {
+                assert_eq!(m.unwrap().to_native(), next);
+                next += 1;
+            }
+            (rx, next)
+        });
+    }
+    while next < N {
+        assert_eq!(rx.recv().await.unwrap().to_native(), next);
+        next += 1;
+    }
+    sender.join().unwrap();
+    assert_eq!(rx.recv().await.unwrap_err().kind(), ErrorKind::Closed);
+}
+
 both_backends!(
+    direct_and_ring_reads_across_threads,
     recv_pending_on_exited_thread,
     send_pending_on_exited_thread,
     bounced_across_100_threads,

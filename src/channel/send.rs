@@ -29,13 +29,7 @@ struct Archive<'a, T>(&'a T);
 impl<T: Encode> Payload for Archive<'_, T> {
     #[inline]
     fn write(&self, w: SlotWriter<'_>, scratch: &mut Scratch) -> Result<()> {
-        rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::BoxedError>(
-            self.0,
-            w,
-            scratch.handle(),
-        )
-        .map(drop)
-        .map_err(crate::message::serialize_error)
+        encode_with(self.0, w, scratch)
     }
 
     #[inline]

@@ -165,6 +165,21 @@ impl UringIo {
         })))
     }
 
+    /// One `preadv2(RWF_NOWAIT)` into `dec`'s spare room, committed on
+    /// success; only while no operation is in flight (none writes to the
+    /// decoder then).
+    #[inline]
+    fn read_now(&self, dec: &mut Decoder) -> io::Result<usize> {
+        debug_assert!(self.slot.op.is_none());
+        let (ptr, len) = dec.reserve();
+        // SAFETY: `reserve` returned `len` writable bytes at `ptr`, and no
+        // operation in flight writes to the decoder.
+        let n = unsafe { sys::read_nowait(self.fd.as_raw_fd(), ptr, len.min(MAX_IO)) }?;
+        // SAFETY: the kernel initialised `n <= len` bytes.
+        unsafe { dec.commit(n) };
+        Ok(n)
+    }
+
     /// Reads into `dec`. A read on an empty pipe goes through the ring, which
     /// wakes this task when data comes. When the last read found data at
     /// once (a busy receiver, its peer ahead of it), the pipe is tried
@@ -178,15 +193,8 @@ impl UringIo {
         dec: &mut Decoder,
     ) -> Poll<io::Result<usize>> {
         if self.slot.op.is_none() && self.read_hint && self.nowait {
-            let (ptr, len) = dec.reserve();
-            // SAFETY: `reserve` returned `len` writable bytes at `ptr`, and
-            // no operation in flight writes to the decoder.
-            match unsafe { sys::read_nowait(self.fd.as_raw_fd(), ptr, len.min(MAX_IO)) } {
-                Ok(n) => {
-                    // SAFETY: the kernel initialised `n <= len` bytes.
-                    unsafe { dec.commit(n) };
-                    return Poll::Ready(Ok(n));
-                }
+            match self.read_now(dec) {
+                Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if refuses_nowait(&e) => self.nowait = false,
                 // Empty (or a signal, or an error the ring's read reports
                 // too): the ring.
@@ -253,17 +261,9 @@ impl UringIo {
     ) -> Poll<io::Result<usize>> {
         let deadline = std::time::Instant::now() + budget;
         if self.slot.op.is_none() {
-            let fd = self.fd.as_raw_fd();
             loop {
-                let (ptr, len) = dec.reserve();
-                // SAFETY: `reserve` returned `len` writable bytes at `ptr`,
-                // and no operation in flight writes to the decoder.
-                match unsafe { sys::read_nowait(fd, ptr, len) } {
-                    Ok(n) => {
-                        // SAFETY: the kernel initialised `n <= len` bytes.
-                        unsafe { dec.commit(n) };
-                        return Poll::Ready(Ok(n));
-                    }
+                match self.read_now(dec) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
                     Err(e)
                         if matches!(
                             e.kind(),
