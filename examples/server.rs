@@ -21,6 +21,7 @@
 //! cargo run --release --example server                  # the whole matrix, then a table
 //! cargo run --release --example server -- --modes pool,handoff --payloads 1048576 --job-us 1000
 //! cargo run --release --example server -- --quick       # a few seconds, for CI
+//! cargo run --release --example server -- --repeat 5    # medians of five runs, modes taking turns
 //! cargo run --release --example server -- --serve 7000  # pool mode only, until killed
 //! ```
 //!
@@ -62,8 +63,14 @@ struct Args {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 16)]
     connections: usize,
-    /// Requests per connection (default: sized so each case runs about
-    /// two seconds on two cores).
+    /// Seconds each mode serves load in each case. Every client sends
+    /// requests until then, and req/s counts the requests answered within
+    /// that window, while every connection is busy.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// A fixed number of requests per connection instead of `--seconds`
+    /// (req/s is then over the whole run, including its tail, when some
+    /// connections are done and others still wait for answers).
     #[arg(long)]
     requests: Option<usize>,
     /// Tiny runs (a few seconds in all), to check that every mode works.
@@ -77,6 +84,19 @@ struct Args {
     /// req/s pinned, 0.9-1.0x unpinned; see docs/performance.md, "Servers").
     #[arg(long)]
     pin: bool,
+    /// Processes per core that serve connections themselves (`prefork`
+    /// children, `handoff-conn` workers). Two per core let one read its
+    /// connections while the other computes, at a cost in p99 (see
+    /// docs/performance.md, "Servers").
+    #[arg(long, default_value_t = 1)]
+    per_core: usize,
+    /// Run every case this many times, the modes taking turns, and print
+    /// medians instead of single runs: req/s and latencies are the medians
+    /// of the runs, "vs s-b" and "vs rayon" the medians of the per-run
+    /// ratios, with their lowest and highest in brackets. On a shared
+    /// machine single runs move by 5-10%.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Only serve in `pool` mode, on this port, with the first `--job-us`,
     /// until killed.
     #[arg(long)]
@@ -84,25 +104,85 @@ struct Args {
 }
 
 /// One cell of the matrix: a server mode serves `connections` clients, each
-/// sending `requests` requests of `payload` bytes that cost `rounds` rounds
-/// of [`work`].
+/// sending requests of `payload` bytes that cost `rounds` rounds of
+/// [`work`], one after another, for `duration` (or `requests` of them).
 #[derive(Clone, Debug)]
 struct Case {
     payload: usize,
     job_us: u64,
     rounds: u64,
     connections: usize,
-    requests: usize,
+    duration: Duration,
+    requests: Option<usize>,
     /// `--pin`.
     pin: bool,
+    /// `--per-core`.
+    per_core: usize,
 }
 
 /// What the load generator saw in one case.
 struct Measured {
+    /// Requests answered within `elapsed`.
+    answered: usize,
     elapsed: Duration,
     /// Per-request latencies (write of the request to the end of the
-    /// answer), sorted.
+    /// answer) of every request, sorted.
     latencies: Vec<Duration>,
+}
+
+/// One mode's figures in one run of a case.
+#[derive(Clone)]
+struct Row {
+    rate: f64,
+    /// Latencies in seconds.
+    p50: f64,
+    p99: f64,
+    max: f64,
+    /// req/s over each of [`BASELINES`]' in the same run.
+    ratios: [Option<f64>; 2],
+}
+
+impl Row {
+    fn new(m: &Measured) -> Row {
+        Row {
+            rate: m.answered as f64 / m.elapsed.as_secs_f64(),
+            p50: percentile(&m.latencies, 50).as_secs_f64(),
+            p99: percentile(&m.latencies, 99).as_secs_f64(),
+            max: m.latencies.last().map_or(0.0, Duration::as_secs_f64),
+            ratios: [None; 2],
+        }
+    }
+}
+
+/// The median of per-run ratios, with their lowest and highest when there
+/// is more than one run.
+fn ratio_cell(ratios: Vec<f64>) -> String {
+    let (Some(lo), Some(hi)) = (
+        ratios.iter().copied().reduce(f64::min),
+        ratios.iter().copied().reduce(f64::max),
+    ) else {
+        return "-".to_string();
+    };
+    let m = median(ratios.clone());
+    if ratios.len() > 1 {
+        format!("{m:.2}× ({lo:.2}-{hi:.2})")
+    } else {
+        format!("{m:.2}×")
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 struct Mode {
@@ -110,8 +190,7 @@ struct Mode {
     run: fn(&Case) -> Result<Measured>,
 }
 
-/// The modes, in table order. `spawn-blocking` is the baseline the ratios
-/// are taken against.
+/// The modes, in table order.
 const MODES: &[Mode] = &[
     Mode {
         name: "pool",
@@ -139,7 +218,9 @@ const MODES: &[Mode] = &[
     },
 ];
 
-const BASELINE: &str = "spawn-blocking";
+/// The contenders every row is compared with (the last row of each name: a
+/// first `rayon` can be a warm-up).
+const BASELINES: [&str; 2] = ["spawn-blocking", "rayon"];
 
 // ---------------------------------------------------------------------------
 // The work and the protocol, shared by every mode.
@@ -376,6 +457,7 @@ fn handoff_conn_mode(case: &Case) -> Result<Measured> {
         Pool::builder_async(serve_connection)
             .name("conn-worker")
             .pin(case.pin)
+            .workers(cores() * case.per_core)
             .concurrency(CONNS_PER_WORKER),
     )?;
     let rounds = case.rounds;
@@ -552,6 +634,7 @@ fn prefork_mode(case: &Case) -> Result<Measured> {
         Prefork::builder(prefork_conn, case.rounds)
             .name("prefork")
             .pin(case.pin)
+            .children(cores() * case.per_core)
             .start(listener),
     )?;
     let measured = load(server.local_addr(), case);
@@ -676,8 +759,14 @@ fn cores() -> usize {
 // The load generator.
 
 /// Drives the server from its own runtime (one thread): `connections`
-/// clients, each sending `requests` requests one after another and checking
-/// every answer.
+/// clients, each sending requests one after another and checking every
+/// answer.
+///
+/// Timed (the default), every client keeps sending until the deadline and
+/// req/s counts the answers that came before it: a steady load, as a
+/// server sees it. With a fixed number of requests per connection, the
+/// run ends with a tail in which connections that are done leave the
+/// server partly idle.
 fn load(addr: SocketAddr, case: &Case) -> Result<Measured> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -686,20 +775,39 @@ fn load(addr: SocketAddr, case: &Case) -> Result<Measured> {
     let case = case.clone();
     rt.block_on(async move {
         let start = Instant::now();
+        let deadline = start + case.duration;
         let clients: Vec<_> = (0..case.connections)
-            .map(|c| tokio::spawn(client(addr, c, case.clone())))
+            .map(|c| tokio::spawn(client(addr, c, case.clone(), deadline)))
             .collect();
-        let mut latencies = Vec::new();
+        let mut answers = Vec::new();
         for c in clients {
-            latencies.extend(c.await??);
+            answers.extend(c.await??);
         }
-        let elapsed = start.elapsed();
+        let (answered, elapsed) = match case.requests {
+            Some(_) => (answers.len(), start.elapsed()),
+            None => (
+                answers.iter().filter(|(_, at)| *at <= deadline).count(),
+                case.duration,
+            ),
+        };
+        let mut latencies: Vec<Duration> = answers.into_iter().map(|(l, _)| l).collect();
         latencies.sort();
-        Ok(Measured { elapsed, latencies })
+        Ok(Measured {
+            answered,
+            elapsed,
+            latencies,
+        })
     })
 }
 
-async fn client(addr: SocketAddr, c: usize, case: Case) -> Result<Vec<Duration>> {
+/// One connection's requests, each answer checked; returns each request's
+/// latency and when its answer came. Sends at least one request.
+async fn client(
+    addr: SocketAddr,
+    c: usize,
+    case: Case,
+    deadline: Instant,
+) -> Result<Vec<(Duration, Instant)>> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let size = case.payload.max(8);
@@ -708,9 +816,16 @@ async fn client(addr: SocketAddr, c: usize, case: Case) -> Result<Vec<Duration>>
     // The digest does not depend on the id, so it is the same for every
     // request on this connection.
     let expected = work(&request[4..], case.rounds);
-    let mut lat = Vec::with_capacity(case.requests);
+    let mut answers = Vec::new();
     let mut got = [0u8; 16];
-    for r in 0..case.requests {
+    for r in 0.. {
+        let more = match case.requests {
+            Some(n) => r < n,
+            None => r == 0 || Instant::now() < deadline,
+        };
+        if !more {
+            break;
+        }
         let id = ((c as u64) << 32) | r as u64;
         request[4..12].copy_from_slice(&id.to_le_bytes());
         let t = Instant::now();
@@ -718,7 +833,8 @@ async fn client(addr: SocketAddr, c: usize, case: Case) -> Result<Vec<Duration>>
         s.read_exact(&mut got)
             .await
             .map_err(|e| format!("connection {c}, request {r}: no answer ({e})"))?;
-        lat.push(t.elapsed());
+        let done = Instant::now();
+        answers.push((done - t, done));
         let (got_id, digest) = (
             u64::from_le_bytes(got[..8].try_into().unwrap()),
             u64::from_le_bytes(got[8..].try_into().unwrap()),
@@ -731,22 +847,16 @@ async fn client(addr: SocketAddr, c: usize, case: Case) -> Result<Vec<Duration>>
             .into());
         }
     }
-    Ok(lat)
-}
-
-/// Requests per connection: `budget` seconds of this machine's cores, from
-/// a rough cost per request (the job, ~30 µs of protocol and scheduling,
-/// and the payload's copies at about 500 MB/s).
-fn requests_for(payload: usize, job_us: u64, connections: usize, budget: f64) -> usize {
-    let per_request_us = job_us as f64 + 30.0 + payload as f64 / 500.0;
-    let total = budget * cores() as f64 * 1e6 / per_request_us;
-    ((total / connections as f64) as usize).max(4)
+    Ok(answers)
 }
 
 // ---------------------------------------------------------------------------
 
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return Duration::ZERO;
+    };
+    sorted[(sorted.len() * p / 100).min(last)]
 }
 
 fn size_name(bytes: usize) -> String {
@@ -770,6 +880,19 @@ fn main() -> Result<()> {
             })
         })
         .collect::<Result<_, _>>()?;
+    if args.connections == 0 || args.requests == Some(0) || args.per_core == 0 || args.repeat == 0 {
+        return Err("--connections, --requests, --per-core and --repeat must be above zero".into());
+    }
+    let duration = Duration::try_from_secs_f64(args.seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("--seconds {}: must be above zero", args.seconds))?;
+    // A quick run only checks that every mode answers.
+    let requests = if args.quick {
+        args.requests.or(Some(4))
+    } else {
+        args.requests
+    };
     let per_us = calibrate();
 
     if let Some(port) = args.serve {
@@ -794,10 +917,11 @@ fn main() -> Result<()> {
         per_us,
         args.connections
     );
-    let budget = if args.quick { 0.02 } else { 2.5 };
+    let repeat = args.repeat;
+    let w = if repeat > 1 { 18 } else { 9 };
     println!(
-        "{:<15} {:>8} {:>7} {:>9} {:>10} {:>10} {:>10} {:>8}",
-        "mode", "payload", "job", "req/s", "p50", "p99", "max", "vs s-b"
+        "{:<15} {:>8} {:>7} {:>9} {:>10} {:>10} {:>10} {:>w$} {:>w$}",
+        "mode", "payload", "job", "req/s", "p50", "p99", "max", "vs s-b", "vs rayon"
     );
     for &payload in &args.payloads {
         for &job_us in &args.job_us {
@@ -806,32 +930,49 @@ fn main() -> Result<()> {
                 job_us,
                 rounds: (job_us as f64 * per_us) as u64,
                 connections: args.connections,
-                requests: args
-                    .requests
-                    .unwrap_or_else(|| requests_for(payload, job_us, args.connections, budget)),
+                duration,
+                requests,
                 pin: args.pin,
+                per_core: args.per_core,
             };
-            // Every mode runs first, so each row can show its ratio to the
-            // baseline whatever the order on the command line.
-            let mut rows = Vec::new();
-            for mode in &modes {
-                let m = (mode.run)(&case).map_err(|e| format!("{} mode: {e}", mode.name))?;
-                let rate = m.latencies.len() as f64 / m.elapsed.as_secs_f64();
-                rows.push((mode.name, rate, m));
+            // Every mode runs first, so each row can show its ratios to the
+            // contenders whatever the order on the command line; with
+            // `--repeat`, the modes take turns, so that a slow spell of the
+            // machine falls on all of them.
+            let mut runs: Vec<Vec<Row>> = vec![Vec::new(); modes.len()];
+            for _ in 0..repeat {
+                let mut this_run = Vec::new();
+                for mode in &modes {
+                    let m = (mode.run)(&case).map_err(|e| format!("{} mode: {e}", mode.name))?;
+                    this_run.push(Row::new(&m));
+                }
+                let base_rates = BASELINES.map(|name| {
+                    let b = modes.iter().rposition(|m| m.name == name)?;
+                    Some(this_run[b].rate)
+                });
+                for (mode_runs, mut row) in runs.iter_mut().zip(this_run) {
+                    row.ratios = base_rates.map(|b| b.filter(|&b| b > 0.0).map(|b| row.rate / b));
+                    mode_runs.push(row);
+                }
             }
-            let base = rows.iter().find(|r| r.0 == BASELINE).map(|r| r.1);
-            for (name, rate, m) in &rows {
-                let ratio = base.map_or("-".to_string(), |b| format!("{:.2}×", rate / b));
+            for (mode, rows) in modes.iter().zip(&runs) {
+                let med = |f: fn(&Row) -> f64| median(rows.iter().map(f).collect());
+                let secs = |f: fn(&Row) -> f64| Duration::from_secs_f64(med(f));
+                let [vs_sb, vs_rayon] = [0, 1].map(|i| {
+                    let ratios: Vec<f64> = rows.iter().filter_map(|r| r.ratios[i]).collect();
+                    ratio_cell(ratios)
+                });
                 println!(
-                    "{:<15} {:>8} {:>7} {:>9.0} {:>10.2?} {:>10.2?} {:>10.2?} {:>8}",
-                    name,
+                    "{:<15} {:>8} {:>7} {:>9.0} {:>10.2?} {:>10.2?} {:>10.2?} {:>w$} {:>w$}",
+                    mode.name,
                     size_name(case.payload),
                     format!("{} µs", case.job_us),
-                    rate,
-                    percentile(&m.latencies, 50),
-                    percentile(&m.latencies, 99),
-                    m.latencies.last().copied().unwrap_or_default(),
-                    ratio
+                    med(|r| r.rate),
+                    secs(|r| r.p50),
+                    secs(|r| r.p99),
+                    secs(|r| r.max),
+                    vs_sb,
+                    vs_rayon
                 );
             }
         }

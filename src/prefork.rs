@@ -407,6 +407,11 @@ where
     PreforkArgs<S>: Encode,
 {
     /// Number of children (default: one per core this process may use).
+    ///
+    /// A child computing a job cannot read its other connections. With
+    /// large requests (hundreds of KiB and up), two children per core
+    /// read while others compute, at a cost in p99 for small requests; see
+    /// docs/tuning.md, "Servers".
     pub fn children(mut self, n: usize) -> Self {
         self.children = Some(n);
         self
