@@ -110,6 +110,15 @@ fn refuses_nowait(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL))
 }
 
+/// Whether `e` says "not now" (an empty or full pipe, or a signal): the
+/// ring waits instead.
+fn would_wait(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
 /// A pipe end on the uring backend.
 pub(crate) struct UringIo {
     /// Shared with the slot of the operation in flight, so the fd stays open
@@ -264,12 +273,7 @@ impl UringIo {
             loop {
                 match self.read_now(dec) {
                     Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) && std::time::Instant::now() < deadline =>
-                    {
+                    Err(e) if would_wait(&e) && std::time::Instant::now() < deadline => {
                         std::hint::spin_loop()
                     }
                     // Out of budget, or no RWF_NOWAIT on this fd
@@ -322,11 +326,7 @@ impl UringIo {
                     return Poll::Ready(Ok(n));
                 }
                 // No room (or a signal): the ring waits for room.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if would_wait(&e) => {}
                 // An fd that does not take RWF_NOWAIT: the ring for good.
                 Err(e) if refuses_nowait(&e) => self.nowait = false,
                 // What the ring's write would report too (EPIPE, ...).
